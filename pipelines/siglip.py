@@ -1,0 +1,311 @@
+"""The SigLIP vision encoder and its preprocessing, loaded from one checkpoint.
+
+Knows nothing of files, Parquet or Triton: the embed job, the serving models and the tests all call
+`load_encoder` / `Preprocess` the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+import pipelines
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "google/siglip-so400m-patch14-384"
+TINY = "tiny"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+# PIL resample codes as they appear in preprocessor_config.json.
+_RESAMPLE = {
+    0: InterpolationMode.NEAREST,
+    1: InterpolationMode.LANCZOS,
+    2: InterpolationMode.BILINEAR,
+    3: InterpolationMode.BICUBIC,
+    4: InterpolationMode.BOX,
+    5: InterpolationMode.HAMMING,
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The so400m-patch14-384 preprocessing; also used by the tiny preset.
+SO400M_PREPROCESSOR = {
+    "do_resize": True,
+    "size": {"height": 384, "width": 384},
+    "resample": 3,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "SiglipImageProcessor",
+}
+TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "patch_size": 16,
+    "image_size": 384,
+}
+TINY_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "vocab_size": 256,
+}
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The checkpoint could not be found or loaded; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """`SiglipImageProcessor` as two tensor stages: `resize` (uint8, on CPU workers) then `normalize` (device)."""
+
+    height: int = 384
+    width: int = 384
+    resample: int = 3
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Preprocess:
+        """Build from a `preprocessor_config.json` dict (keys and defaults as transformers reads them)."""
+        size = config.get("size", {"height": 384, "width": 384})
+        if "height" not in size:
+            raise ValueError(f"preprocessor size {size!r}: expected {{'height': H, 'width': W}}")
+        resample = int(config.get("resample", 3))
+        if resample not in _RESAMPLE:
+            raise ValueError(f"preprocessor resample={resample}: not a PIL resampling code")
+        return cls(
+            height=int(size["height"]),
+            width=int(size["width"]),
+            resample=resample,
+            do_resize=bool(config.get("do_resize", True)),
+            do_rescale=bool(config.get("do_rescale", True)),
+            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(config.get("do_normalize", True)),
+            mean=tuple(float(m) for m in config.get("image_mean", (0.5, 0.5, 0.5))),
+            std=tuple(float(s) for s in config.get("image_std", (0.5, 0.5, 0.5))),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """The `preprocessor_config.json` dict that `from_config` reads back to an equal object."""
+        return {
+            "do_resize": self.do_resize,
+            "size": {"height": self.height, "width": self.width},
+            "resample": self.resample,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "image_processor_type": "SiglipImageProcessor",
+        }
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, h, w] (or [B, 3, h, w]) -> uint8 [..., 3, H, W], antialiased as the processor does."""
+        if not self.do_resize:
+            return image
+        return TF.resize(
+            image, [self.height, self.width], interpolation=_RESAMPLE[self.resample], antialias=True
+        )
+
+    def normalize(self, images: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 [B, 3, H, W] on any device -> `dtype` [B, 3, H, W] pixel values on that device."""
+        x = images.to(torch.float32)
+        if self.do_rescale:
+            x = x * self.rescale_factor
+        if self.do_normalize:
+            mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
+            x = (x - mean) / std
+        return x.to(dtype)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, h, w] -> float32 [3, H, W]: equal to `SiglipImageProcessor` on the same RGB pixels."""
+        return self.normalize(self.resize(image).unsqueeze(0))[0]
+
+
+@dataclass
+class Encoder:
+    """A loaded SigLIP vision tower with its preprocessing and what a reader needs to know about it."""
+
+    model: torch.nn.Module
+    preprocess: Preprocess
+    name_or_path: str
+    revision: str | None
+    device: torch.device
+    dtype: torch.dtype
+    embedding_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.embedding_dim = int(self.model.config.hidden_size)
+
+    @torch.inference_mode()
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, H, W] pixel values -> float32 [B, D] pooled embeddings, on the encoder's device."""
+        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        return self.model(pixel_values=pixel_values).pooler_output.float()
+
+    @torch.inference_mode()
+    def embed_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] resized images -> float32 [B, D]; normalisation runs on the device."""
+        images = images.to(self.device, non_blocking=True)
+        return self.embed(self.preprocess.normalize(images, dtype=self.dtype))
+
+    def metadata(self) -> dict[str, Any]:
+        """What the Parquet footer records about the model (JSON-serialisable)."""
+        return {
+            "model": self.name_or_path,
+            "revision": self.revision,
+            "embedding_dim": self.embedding_dim,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "image_size": [self.preprocess.height, self.preprocess.width],
+            "preprocess": asdict(self.preprocess),
+            "version": pipelines.__version__,
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA, float32 elsewhere; else one of float32 / bfloat16 / float16."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def build_tiny(*, seed: int = 0, full: bool = False) -> torch.nn.Module:
+    """A seeded, randomly initialised SigLIP (hidden 32, 2 layers, 384 px): vision tower, or full model."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    with _seeded(seed):
+        if full:
+            config = SiglipConfig(vision_config=TINY_VISION, text_config=TINY_TEXT)
+            return SiglipModel(config).eval()
+        return SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)).eval()
+
+
+def save_tiny(directory: str | Path, *, seed: int = 0, full: bool = True) -> Path:
+    """Save the tiny preset as a hub-style checkpoint (config, safetensors, preprocessor config)."""
+    directory = Path(directory)
+    build_tiny(seed=seed, full=full).save_pretrained(directory)
+    (directory / PREPROCESSOR_CONFIG).write_text(json.dumps(SO400M_PREPROCESSOR, indent=2))
+    return directory
+
+
+def load_encoder(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> Encoder:
+    """Load the vision tower and its preprocessing from a hub id, a local directory, or 'tiny'."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    torch_dtype = resolve_dtype(dtype, device)
+    if name_or_path == TINY:
+        model, preprocess, revision = build_tiny(), Preprocess.from_config(SO400M_PREPROCESSOR), None
+    else:
+        model, preprocess, revision = _load_checkpoint(name_or_path, revision, attn_implementation)
+    model = model.to(device=device, dtype=torch_dtype).eval().requires_grad_(False)
+    log.info("loaded %s (revision %s) on %s as %s", name_or_path, revision, device, torch_dtype)
+    return Encoder(model, preprocess, name_or_path, revision, device, torch_dtype)
+
+
+def load_preprocess(name_or_path: str, *, revision: str | None = None) -> Preprocess:
+    """The checkpoint's preprocessing alone (no weights): 'tiny', a local directory or a hub id."""
+    if name_or_path == TINY:
+        return Preprocess.from_config(SO400M_PREPROCESSOR)
+    return Preprocess.from_config(_read_preprocessor_config(name_or_path, revision))
+
+
+def _load_checkpoint(
+    name_or_path: str, revision: str | None, attn_implementation: str
+) -> tuple[torch.nn.Module, Preprocess, str | None]:
+    from transformers import SiglipVisionModel
+    from transformers.utils import logging as hf_logging
+
+    _check_local_path(name_or_path)
+    preprocess = Preprocess.from_config(_read_preprocessor_config(name_or_path, revision))
+    verbosity = hf_logging.get_verbosity()
+    # A full SiglipModel checkpoint carries the text tower too; its weights are skipped on purpose.
+    hf_logging.set_verbosity_error()
+    try:
+        model = SiglipVisionModel.from_pretrained(
+            name_or_path, revision=revision, attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailableError(_unavailable(name_or_path, exc)) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    commit = getattr(model.config, "_commit_hash", None) or revision
+    return model, preprocess, commit
+
+
+def _read_preprocessor_config(name_or_path: str, revision: str | None) -> dict[str, Any]:
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        path = local / PREPROCESSOR_CONFIG
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"{path} not found: a SigLIP checkpoint directory needs its {PREPROCESSOR_CONFIG}"
+            )
+        return json.loads(path.read_text())
+    from transformers.utils import cached_file
+
+    try:
+        resolved = cached_file(name_or_path, PREPROCESSOR_CONFIG, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailableError(_unavailable(name_or_path, exc)) from exc
+    return json.loads(Path(resolved).read_text())
+
+
+def _check_local_path(name_or_path: str) -> None:
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise WeightsUnavailableError(
+            f"model.name_or_path={name_or_path!r}: no such directory; give a checkpoint directory "
+            f"(config.json, *.safetensors, {PREPROCESSOR_CONFIG}) or a model hub id"
+        )
+
+
+def _unavailable(name_or_path: str, exc: BaseException) -> str:
+    reason = " ".join(str(exc).split())[:300]
+    return (
+        f"could not load SigLIP weights for {name_or_path!r} from a local directory, the Hugging Face "
+        f"cache or the hub ({type(exc).__name__}: {reason}). Download it where the hub is reachable "
+        f"(`hf download {name_or_path} --local-dir DIR`) and pass model.name_or_path=DIR, "
+        f"or use model=tiny for an offline demo"
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
