@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ class Encoder:
             "embedding_dim": self.embedding_dim,
             "dtype": str(self.dtype).removeprefix("torch."),
             "image_size": [self.preprocess.height, self.preprocess.width],
-            "preprocess": asdict(self.preprocess),
+            "preprocess": self.preprocess.to_config(),
             "version": pipelines.__version__,
         }
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny SigLIP saved as a real checkpoint, real photos in several formats, image folders."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import pytest
+import sklearn.datasets
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from pipelines.config import CONF_DIR, REPO_ROOT
+from pipelines.siglip import save_tiny
+
+SAMPLE = REPO_ROOT / "data" / "sample"
+PHOTOS = Path(sklearn.datasets.__file__).parent / "images"  # china.jpg, flower.jpg: real colour photos
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A full SiglipModel checkpoint (vision + text towers), as the hub ships one, with random weights."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-full"), full=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_checkpoint(tmp_path_factory) -> Path:
+    """A vision-only SiglipVisionModel checkpoint with the same weights as the `tiny` preset."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-vision"), full=False)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photo_bytes() -> dict[str, bytes]:
+    """Real photos as ImageNet has them: RGB JPEG, PNG, grayscale JPEG, CMYK JPEG, and a PNG named .JPEG."""
+    china = Image.open(PHOTOS / "china.jpg")
+    flower = Image.open(PHOTOS / "flower.jpg")
+    return {
+        "rgb.jpg": (PHOTOS / "china.jpg").read_bytes(),
+        "flower.png": encode(flower, "PNG"),
+        "gray.jpg": encode(china.convert("L"), "JPEG", quality=90),
+        "cmyk.jpg": encode(flower.convert("CMYK"), "JPEG", quality=90),
+        "png_named.JPEG": encode(china.resize((500, 375)), "PNG"),
+        "rgba.png": encode(flower.convert("RGBA"), "PNG"),
+        "photo.bmp": encode(china.resize((320, 240)), "BMP"),
+    }
+
+
+@pytest.fixture()
+def image_root(tmp_path, photo_bytes) -> Path:
+    """`train/` and `valid/` of two classes each: the sample's PNGs plus the photos above."""
+    root = tmp_path / "images"
+    for split, n in (("train", 3), ("valid", 2)):
+        for label in ("bag", "trouser"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for src in sorted((SAMPLE / split / label).iterdir())[:n]:
+                shutil.copy(src, folder / src.name)
+    for i, (name, data) in enumerate(sorted(photo_bytes.items())):
+        (root / ("train" if i % 2 else "valid") / "bag" / name).write_bytes(data)
+    return root
+
+
+@pytest.fixture()
+def compose_cfg():
+    """Compose a config from conf/ with overrides, as the entry points see it."""
+
+    def _compose(config_name: str, overrides: list[str] | None = None):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides or [])
+
+    return _compose
