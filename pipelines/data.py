@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 from pipelines.siglip import Preprocess
@@ -73,6 +73,8 @@ def decode(data: bytes) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as pil:
             array = torch.from_numpy(_pil_rgb(pil))
+    except UnidentifiedImageError as exc:
+        raise DecodeError("not an image in a format torchvision or PIL can read") from exc
     except Exception as exc:  # PIL raises many types for bad bytes
         raise DecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return array.permute(2, 0, 1).contiguous()

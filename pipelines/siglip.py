@@ -57,6 +57,9 @@ TINY_VISION = {
     "image_size": 384,
 }
 TINY_TEXT = {
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "bos_token_id": 2,
     "hidden_size": 32,
     "intermediate_size": 64,
     "num_hidden_layers": 2,
@@ -199,14 +202,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def build_tiny(*, seed: int = 0, full: bool = False) -> torch.nn.Module:
-    """A seeded, randomly initialised SigLIP (hidden 32, 2 layers, 384 px): vision tower, or full model."""
-    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+    """A seeded, randomly initialised SigLIP (hidden 32, 2 layers, 384 px): the vision tower, or the full model.
+
+    The vision tower is the full model's, so both forms give the same embeddings.
+    """
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
 
     with _seeded(seed):
-        if full:
-            config = SiglipConfig(vision_config=TINY_VISION, text_config=TINY_TEXT)
-            return SiglipModel(config).eval()
-        return SiglipVisionModel(SiglipVisionConfig(**TINY_VISION)).eval()
+        model = SiglipModel(SiglipConfig(vision_config=TINY_VISION, text_config=TINY_TEXT)).eval()
+    if full:
+        return model
+    vision = SiglipVisionModel(model.config.vision_config).eval()
+    # transformers 4 nests the tower one level deeper (`vision_model`) than transformers 5.
+    getattr(vision, "vision_model", vision).load_state_dict(model.vision_model.state_dict())
+    return vision
 
 
 def save_tiny(directory: str | Path, *, seed: int = 0, full: bool = True) -> Path:
