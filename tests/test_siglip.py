@@ -122,7 +122,9 @@ def test_directory_without_weights_or_preprocessor_config(tmp_path, tiny_checkpo
 
 
 def test_unreachable_hub_is_one_clear_line(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once, not after retries
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsUnavailableError) as info:
         load_encoder("google/siglip-so400m-patch14-384", device="cpu")
