@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from pipelines import store
@@ -36,8 +38,13 @@ def run_embed(
     shard_count: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    runner: Callable[..., SplitStats] = embed_split,
 ) -> dict[str, Any]:
-    """Embed `root/<split>/<class>/*` for each split into `output_dir/<split>/`; returns the summary."""
+    """Embed `root/<split>/<class>/*` for each split into `output_dir/<split>/`; returns the summary.
+
+    `runner` embeds one split: the local `pipelines.runner.embed_split` (default) or another with the same
+    keyword arguments, e.g. `pipelines.ray_runner.embed_split` with its settings bound.
+    """
     root, output_dir = Path(root), Path(output_dir)
     if overwrite and shard_count > 1:
         raise UserError("overwrite=true with shard.count > 1 would let shards delete each other's work; "
@@ -50,7 +57,7 @@ def run_embed(
     start = time.perf_counter()
     results: list[SplitStats] = []
     for split, records in listings.items():
-        results.append(embed_split(
+        results.append(runner(
             encoder=encoder, root=root, split=split, records=records, output_dir=output_dir,
             batch_size=batch_size, num_workers=workers, rows_per_part=rows_per_part, prefix=prefix,
             progress=progress,
@@ -115,6 +122,7 @@ def main(cfg: DictConfig) -> None:
         shard_count=cfg.shard.count,
         overwrite=cfg.overwrite,
         progress=cfg.progress,
+        runner=instantiate(cfg.runner, _convert_="all"),
     )
     print(format_summary(summary))
     log.debug("summary %s", json.dumps(summary))
