@@ -1,0 +1,38 @@
+"""conf/: every primary config and every option of every config group composes and resolves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from pipelines.config import CONF_DIR
+
+CONF = Path(CONF_DIR)
+
+
+def test_every_config_composes(compose_cfg):
+    primaries = sorted(p.stem for p in CONF.glob("*.yaml"))
+    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in CONF.iterdir() if d.is_dir()}
+    assert "embed" in primaries and {"dataset", "model"} <= groups.keys()
+    covered = set()
+    for primary in primaries:
+        cfg = compose_cfg(primary)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+        for group, options in groups.items():
+            if group not in cfg:
+                continue
+            for option in options:
+                composed = compose_cfg(primary, [f"{group}={option}"])
+                OmegaConf.to_container(composed, resolve=True, throw_on_missing=False)
+                covered.add((group, option))
+    assert covered == {(g, o) for g, options in groups.items() for o in options}
+
+
+def test_embed_defaults_are_the_real_model_on_the_sample(compose_cfg):
+    cfg = compose_cfg("embed")
+    assert cfg.model.name_or_path == "google/siglip-so400m-patch14-384"
+    assert cfg.device == "auto" and cfg.dtype == "auto"
+    assert Path(cfg.dataset.root).is_dir() and list(cfg.splits) == ["train", "valid"]
+    tiny = compose_cfg("embed", ["model=tiny", "dataset=imagenet", "dataset.root=/data/in"])
+    assert tiny.model.name_or_path == "tiny" and tiny.output_dir == "outputs/imagenet-tiny"
