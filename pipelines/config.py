@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO_ROOT / "conf")
@@ -31,6 +32,10 @@ def clean_errors(*expected: type[BaseException]) -> Callable:
         def inner(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
+            except MissingMandatoryValue as exc:
+                print(f"error: {exc.full_key} is required: give it on the command line ({exc.full_key}=...)",
+                      file=sys.stderr)
+                sys.exit(2)
             except (UserError, *expected) as exc:
                 logging.getLogger(fn.__module__).debug("details", exc_info=True)
                 print(f"error: {exc}", file=sys.stderr)

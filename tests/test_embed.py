@@ -141,3 +141,6 @@ def test_cli_errors_are_one_line(tmp_path):
     result = embed_cli("model=tiny", "dataset=imagenet", f"dataset.root={tmp_path / 'missing'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "missing/train does not exist" in result.stderr
+    result = embed_cli("model=tiny", "dataset=imagenet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: dataset.root is required" in result.stderr
