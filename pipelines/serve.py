@@ -1,0 +1,126 @@
+"""`python -m pipelines.serve`: a real tritonserver on `serving/` (models `siglip`, `embed_image`) until Ctrl-C.
+
+The model, dtype, device and batch sizes come from conf/serve.yaml (the same `model` group as the embed job)
+and are written into a rendered copy of the repository; see docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipelines import names, triton
+from pipelines.config import CONF_DIR, clean_errors
+
+log = logging.getLogger(__name__)
+
+
+def run_serve(
+    *,
+    model: str,
+    repository: str | Path,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    num_threads: str | int = "auto",
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int | None = None,
+    address: str = "0.0.0.0",
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 2000,
+    decode_instances: int = 1,
+    shm_default_mb: int = 16,
+    shm_growth_mb: int = 16,
+    tritonserver: str = "auto",
+    run_dir: str | Path | None = None,
+    ready_timeout_s: float = 900,
+    exit_timeout_s: int = 5,
+    echo_log: bool = True,
+) -> None:
+    """Start the server, wait until every model is ready, log the URLs, serve until SIGINT / SIGTERM, stop."""
+    options = triton.ModelOptions(
+        name_or_path=model, revision=revision, dtype=dtype, device=device, num_threads=str(num_threads),
+        max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, decode_instances=decode_instances,
+    )
+    triton.check_shm(max_batch_size=max_batch_size)
+    # SIGTERM unwinds like Ctrl-C, so the server (in its own session) is always stopped on the way out.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ExitStack() as stack:
+            if run_dir is None:
+                run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="siglip-serve-"))
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            server = triton.TritonServer(
+                install=triton.find_install(tritonserver, run_dir),
+                repository=triton.render_repository(Path(repository), run_dir / "models", options),
+                log_path=run_dir / "tritonserver.log",
+                http_port=http_port or triton.free_port(), grpc_port=grpc_port or triton.free_port(),
+                metrics_port=metrics_port, address=address, shm_default_mb=shm_default_mb,
+                shm_growth_mb=shm_growth_mb, exit_timeout_s=exit_timeout_s, echo=echo_log,
+            )
+            stack.enter_context(server)
+            _serve(server, ready_timeout_s)
+    except KeyboardInterrupt:
+        log.info("stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(server: triton.TritonServer, ready_timeout_s: float) -> None:
+    start = time.monotonic()
+    server.wait_ready(ready_timeout_s)
+    log.info("tritonserver (pid %d) ready in %.1f s: HTTP http://%s, gRPC %s; models %s at "
+             "http://%s/v2/models/<model>/infer; Ctrl-C stops it", server.process.pid,
+             time.monotonic() - start, server.http_url, server.grpc_url, ", ".join(names.MODELS), server.http_url)
+    while server.returncode() is None:
+        time.sleep(0.5)
+    raise triton.ServerError(f"tritonserver exited on its own with status {server.returncode()}"
+                             f"{server.log_tail()}")
+
+
+def _interrupt(signum: int, frame) -> None:
+    # Once: a second Ctrl-C must not cut the server's shutdown short and leave it running.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@hydra.main(config_path=CONF_DIR, config_name="serve", version_base="1.3")
+@clean_errors(triton.ServerError, ValueError)
+def main(cfg: DictConfig) -> None:
+    run_serve(
+        model=cfg.model.name_or_path,
+        revision=cfg.model.revision,
+        repository=cfg.repository,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        num_threads=cfg.num_threads,
+        http_port=cfg.http_port,
+        grpc_port=cfg.grpc_port,
+        metrics_port=cfg.metrics_port,
+        address=cfg.address,
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_us=cfg.max_queue_delay_us,
+        decode_instances=cfg.decode_instances,
+        shm_default_mb=cfg.shm_default_mb,
+        shm_growth_mb=cfg.shm_growth_mb,
+        tritonserver=cfg.tritonserver,
+        run_dir=cfg.run_dir,
+        ready_timeout_s=cfg.ready_timeout_s,
+        exit_timeout_s=cfg.exit_timeout_s,
+        echo_log=cfg.echo_log,
+    )
+
+
+if __name__ == "__main__":
+    main()
