@@ -1,19 +1,27 @@
-"""Files -> decoded, resized uint8 tensors: listing, sharding, decoding, a Dataset and its collate."""
+"""Files -> decoded, resized uint8 tensors: listing, sharding, decoding, a Dataset and its collate.
+
+Two ways to read: `ImageFolderDataset` decodes and resizes in the DataLoader's workers (the default);
+`EncodedImageDataset` leaves JPEGs encoded for `EncodedBatch.decoded`, which decodes a whole batch on the
+encoder's device (nvjpeg on CUDA) for hosts with few cores.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from pipelines.siglip import Preprocess
+
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,10 @@ class Batch:
     def pin_memory(self) -> Batch:
         return Batch(self.indices, self.pixels.pin_memory(), self.failed)
 
+    def decoded(self, preprocess: Preprocess, device: torch.device) -> Batch:
+        """Already decoded and resized by the workers: itself (the runner copies the pixels to the device)."""
+        return self
+
 
 def collate(items: list[dict[str, Any]]) -> Batch:
     """Stack the decoded images; keep (index, reason) for the rest."""
@@ -129,3 +141,84 @@ def collate(items: list[dict[str, Any]]) -> Batch:
 def worker_init(_: int) -> None:
     """One thread per worker: the workers are the parallelism, and oversubscription collapses speed."""
     torch.set_num_threads(1)
+
+
+class EncodedImageDataset(ImageFolderDataset):
+    """Reads one record per item; JPEGs stay encoded (uint8 [n] bytes), other formats are decoded and resized."""
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        record = self.records[i]
+        try:
+            data = (self.root / record.path).read_bytes()
+            if data.startswith(JPEG_MAGIC):
+                return {"index": i, "pixels": torch.frombuffer(bytearray(data), dtype=torch.uint8), "error": None}
+            return {"index": i, "pixels": self.preprocess.resize(decode(data)), "error": None}
+        except (OSError, DecodeError) as exc:
+            return {"index": i, "pixels": None, "error": f"{type(exc).__name__}: {exc}"}
+
+
+@dataclass
+class EncodedBatch:
+    """One loader batch of `EncodedImageDataset` items: `images[k]` is JPEG bytes (uint8 [n]) or uint8 [3, H, W]."""
+
+    indices: list[int]
+    images: list[torch.Tensor]
+    failed: list[tuple[int, str]]
+
+    def decoded(self, preprocess: Preprocess, device: torch.device) -> Batch:
+        """Decode the JPEGs on `device` in one batched call and resize there -> a Batch with pixels on `device`.
+
+        A JPEG the device's decoder refuses (CMYK on nvjpeg, say) is decoded by `decode` on the CPU instead;
+        one that neither decodes joins `failed`.
+        """
+        jpegs = [k for k, image in enumerate(self.images) if image.ndim == 1]
+        on_device = dict(zip(jpegs, decode_jpegs([self.images[k] for k in jpegs], device=device)))
+        indices, images, failed = [], [], list(self.failed)
+        for k, (index, image) in enumerate(zip(self.indices, self.images)):
+            try:
+                if k in on_device:
+                    image = on_device[k] if on_device[k] is not None else decode(image.numpy().tobytes())
+                images.append(image.to(device, non_blocking=True))
+                indices.append(index)
+            except DecodeError as exc:
+                failed.append((index, f"{type(exc).__name__}: {exc}"))
+        return Batch(indices, resize_all(images, preprocess, device=device), failed)
+
+
+def collate_encoded(items: list[dict[str, Any]]) -> EncodedBatch:
+    """Keep the encoded and decoded images as they are (their sizes differ); (index, reason) for failures."""
+    good = [item for item in items if item["error"] is None]
+    failed = [(item["index"], item["error"]) for item in items if item["error"] is not None]
+    return EncodedBatch([item["index"] for item in good], [item["pixels"] for item in good], failed)
+
+
+def decode_jpegs(datas: list[torch.Tensor], *, device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG bytes (uint8 [n] each, on CPU) -> uint8 [3, H, W] RGB on `device`; None where that decoder fails."""
+    if not datas:
+        return []
+    try:
+        return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass  # one bad file fails the whole batched call: retry image by image
+    out: list[torch.Tensor | None] = []
+    for data in datas:
+        try:
+            out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
+def resize_all(images: list[torch.Tensor], preprocess: Preprocess, *, device: torch.device) -> torch.Tensor:
+    """uint8 [3, h_k, w_k] images (decoded or already resized) -> uint8 [B, 3, H, W]; one resize per size."""
+    if not images:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8, device=device)
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for k, image in enumerate(images):
+        by_shape[tuple(image.shape)].append(k)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for positions in by_shape.values():
+        resized = preprocess.resize(torch.stack([images[k] for k in positions]))
+        for j, k in enumerate(positions):
+            out[k] = resized[j]
+    return torch.stack(out)

@@ -39,11 +39,13 @@ def run_embed(
     overwrite: bool = False,
     progress: bool = True,
     runner: Callable[..., SplitStats] = embed_split,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Embed `root/<split>/<class>/*` for each split into `output_dir/<split>/`; returns the summary.
 
     `runner` embeds one split: the local `pipelines.runner.embed_split` (default) or another with the same
-    keyword arguments, e.g. `pipelines.ray_runner.embed_split` with its settings bound.
+    keyword arguments, e.g. `pipelines.ray_runner.embed_split` with its settings bound. `compile`:
+    torch.compile the model for `batch_size` (the last, smaller batch is padded, so nothing recompiles).
     """
     root, output_dir = Path(root), Path(output_dir)
     if overwrite and shard_count > 1:
@@ -52,6 +54,8 @@ def run_embed(
     listings = {split: take_shard(list_split(root, split), index=shard_index, count=shard_count) for split in splits}
     workers = default_workers() if num_workers == "auto" else int(num_workers)
     encoder = load_encoder(model, device=device, dtype=dtype, revision=revision)
+    if compile:
+        encoder.compile(batch_size=batch_size)
     store.prepare_output(output_dir, encoder.metadata(), overwrite=overwrite)
     prefix = f"shard{shard_index}of{shard_count}"
     start = time.perf_counter()
@@ -123,6 +127,7 @@ def main(cfg: DictConfig) -> None:
         overwrite=cfg.overwrite,
         progress=cfg.progress,
         runner=instantiate(cfg.runner, _convert_="all"),
+        compile=cfg.compile,
     )
     print(format_summary(summary))
     log.debug("summary %s", json.dumps(summary))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -16,15 +17,23 @@ import torch
 from tqdm import tqdm
 
 from pipelines import store
-from pipelines.data import Batch, ImageFolderDataset, ImageRecord, collate, worker_init
-from pipelines.siglip import Encoder
+from pipelines.data import (
+    Batch,
+    EncodedImageDataset,
+    ImageFolderDataset,
+    ImageRecord,
+    collate,
+    collate_encoded,
+    worker_init,
+)
+from pipelines.siglip import Encoder, Preprocess
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SplitStats:
-    """What one split's run did; times in seconds (read = waiting on the loader)."""
+    """What one split's run did; times in seconds (read = waiting on the loader, first_batch = its start-up)."""
 
     split: str
     listed: int = 0
@@ -35,6 +44,7 @@ class SplitStats:
     model_s: float = 0.0
     write_s: float = 0.0
     wall_s: float = 0.0
+    first_batch_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -46,7 +56,38 @@ class SplitStats:
 
 def default_workers() -> int:
     """One decode worker per core, keeping one core for the main process."""
-    return max(1, min(len(os.sched_getaffinity(0)) - 1, 32))
+    return max(1, min(_cores() - 1, 32))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def make_loader(
+    *,
+    root: Path,
+    records: list[ImageRecord],
+    preprocess: Preprocess,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    device_decode: bool = False,
+) -> torch.utils.data.DataLoader:
+    """The job's DataLoader: `Batch`es of uint8 [B, 3, H, W] (pinned for CUDA), or `EncodedBatch`es.
+
+    With `device_decode` the workers only read files (and decode what is not JPEG); `EncodedBatch.decoded`
+    decodes the JPEGs on `device` in the main process.
+    """
+    dataset = (EncodedImageDataset if device_decode else ImageFolderDataset)(root, records, preprocess)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_encoded if device_decode else collate,
+        pin_memory=device.type == "cuda" and not device_decode,
+        worker_init_fn=worker_init if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
+    )
 
 
 class PartWriter:
@@ -114,8 +155,12 @@ def embed_split(
     rows_per_part: int,
     prefix: str,
     progress: bool = True,
+    device_decode: bool = False,
 ) -> SplitStats:
-    """Embed the records not yet in `output_dir/split`; errors go to its errors file."""
+    """Embed the records not yet in `output_dir/split`; errors go to its errors file.
+
+    `device_decode`: decode JPEGs on the encoder's device in batches (nvjpeg on CUDA) instead of in the workers.
+    """
     split_dir = Path(output_dir) / split
     store.remove_stale_tmp(split_dir, prefix)
     done = store.done_paths(split_dir)
@@ -123,20 +168,14 @@ def embed_split(
     stats = SplitStats(split=split, listed=len(records), already_done=len(records) - len(todo))
     if not todo:
         return stats
-    loader = torch.utils.data.DataLoader(
-        ImageFolderDataset(root, todo, encoder.preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=encoder.device.type == "cuda",
-        worker_init_fn=worker_init if num_workers else None,
-        prefetch_factor=4 if num_workers else None,
-    )
+    loader = make_loader(root=root, records=todo, preprocess=encoder.preprocess, batch_size=batch_size,
+                         num_workers=num_workers, device=encoder.device, device_decode=device_decode)
     writer = PartWriter(split_dir, metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix)
     bar = tqdm(total=len(todo), desc=f"embed {split}", unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        _loop(loader, encoder, todo, writer, split_dir, stats, bar)
+        with _main_threads(encoder.device, num_workers):
+            _loop(loader, encoder, todo, writer, split_dir, stats, bar)
     finally:
         bar.close()
         writer.close()
@@ -145,16 +184,36 @@ def embed_split(
     return stats
 
 
+@contextlib.contextmanager
+def _main_threads(device: torch.device, num_workers: int):
+    """On CPU the model shares the cores with the decode workers: it gets the cores they leave, at least one.
+
+    Two processes each running as many threads as there are cores slow both down many times over.
+    """
+    before = torch.get_num_threads()
+    if device.type == "cpu" and num_workers:
+        torch.set_num_threads(max(1, min(before, _cores() - num_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _loop(loader, encoder: Encoder, todo: list[ImageRecord], writer: PartWriter, split_dir: Path,
           stats: SplitStats, bar: tqdm) -> None:
-    # One batch stays in flight: batch i+1 is queued on the device before batch i's result is read back.
+    # One batch stays in flight: batch i+1 is copied (on a side stream) and queued on the device before
+    # batch i's result is read back, so the device never waits on the host.
+    copy_stream = torch.cuda.Stream(encoder.device) if encoder.device.type == "cuda" else None
     pending: tuple[Batch, torch.Tensor, Any] | None = None
-    tick = time.perf_counter()
-    for batch in loader:
+    start = tick = time.perf_counter()
+    for loaded in loader:
         stats.read_s += time.perf_counter() - tick
+        if not stats.first_batch_s:
+            stats.first_batch_s = time.perf_counter() - start
         tick = time.perf_counter()
+        batch = loaded.decoded(encoder.preprocess, encoder.device)
         _record_failures(batch, todo, split_dir, stats)
-        launched = _launch(encoder, batch) if batch.indices else None
+        launched = _launch(encoder, batch, copy_stream) if batch.indices else None
         if pending is not None:
             _finish(pending, todo, writer, stats)
         pending = launched
@@ -167,14 +226,26 @@ def _loop(loader, encoder: Encoder, todo: list[ImageRecord], writer: PartWriter,
         stats.model_s += time.perf_counter() - tick
 
 
-def _launch(encoder: Encoder, batch: Batch) -> tuple[Batch, torch.Tensor, Any]:
-    out = encoder.embed_uint8(batch.pixels)
+def _launch(encoder: Encoder, batch: Batch, copy_stream: Any) -> tuple[Batch, torch.Tensor, Any]:
+    out = encoder.embed_uint8(_to_device(batch.pixels, encoder.device, copy_stream))
     if out.device.type == "cuda":
         out = out.to("cpu", non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         return batch, out, event
     return batch, out, None
+
+
+def _to_device(pixels: torch.Tensor, device: torch.device, copy_stream: Any) -> torch.Tensor:
+    """Pinned uint8 [B, 3, H, W] -> `device`, copied on `copy_stream` so it overlaps the batch computing now."""
+    if copy_stream is None or pixels.device.type == device.type:
+        return pixels
+    with torch.cuda.stream(copy_stream):
+        moved = pixels.to(device, non_blocking=True)
+    compute = torch.cuda.current_stream(device)
+    compute.wait_stream(copy_stream)
+    moved.record_stream(compute)  # the allocator must not reuse it before the compute stream is done with it
+    return moved
 
 
 def _finish(pending: tuple[Batch, torch.Tensor, Any], todo: list[ImageRecord], writer: PartWriter,
