@@ -162,17 +162,17 @@ def plot_per_class(table: pd.DataFrame, *, worst: int, title: str) -> Figure:
 
 
 def predictions_frame(result: knn.Result, *, query: store.Split, train_paths: list[str],
-                      classes: list[str]) -> pd.DataFrame:
-    """One row per query: path, label, prediction, top-5 labels and the neighbours' train paths and distances."""
-    top5 = result.top(5)
+                      train_labels: list[str], classes: list[str]) -> pd.DataFrame:
+    """One row per query: path, label, prediction, top-5 labels, the neighbours' train paths, labels, distances."""
     cls = np.asarray(classes, dtype=object)
-    paths = np.asarray(train_paths, dtype=object)
+    neighbours = result.neighbours.indices
     return pd.DataFrame({
         "path": query.paths,
         "label": query.labels,
         "prediction": cls[result.predictions],
-        "top5": [list(row) for row in cls[top5]],
-        "neighbours": [list(row) for row in paths[result.neighbours.indices]],
+        "top5": [list(row) for row in cls[result.top(5)]],
+        "neighbours": [list(row) for row in np.asarray(train_paths, dtype=object)[neighbours]],
+        "neighbour_labels": [list(row) for row in np.asarray(train_labels, dtype=object)[neighbours]],
         "distances": list(result.neighbours.distances),
     })
 
@@ -230,7 +230,7 @@ def run_validate(
         "per_episode": tally.episodes,
     }
     predictions = predictions_frame(first, query=query, train_paths=[train.paths[i] for i in draws[0]],
-                                    classes=classes)
+                                    train_labels=[train.labels[i] for i in draws[0]], classes=classes)
     out = Path(output_dir) if output_dir else embeddings_dir / "validation"
     _write(out, report, table, predictions, worst=worst, read_s=read_s, start=start)
     return report
