@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def embed_split(
     bar = tqdm(total=len(todo), desc=f"embed {split}", unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        with _main_threads(encoder.device, num_workers):
+        with model_threads(encoder.device, num_workers):
             _loop(loader, encoder, todo, writer, split_dir, stats, bar)
     finally:
         bar.close()
@@ -185,7 +186,7 @@ def embed_split(
 
 
 @contextlib.contextmanager
-def _main_threads(device: torch.device, num_workers: int):
+def model_threads(device: torch.device, num_workers: int) -> Iterator[None]:
     """On CPU the model shares the cores with the decode workers: it gets the cores they leave, at least one.
 
     Two processes each running as many threads as there are cores slow both down many times over.
