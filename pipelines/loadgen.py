@@ -162,7 +162,7 @@ def run_load(*, model: str, protocol: str, concurrency: int, duration_s: float, 
     """`concurrency` closed-loop clients for `warmup_s` + `duration_s`; counts what finished inside the window."""
     if concurrency < 1 or duration_s <= 0:
         raise UserError(f"concurrency={concurrency}, duration_s={duration_s}: both must be positive")
-    connect = dict(model=model, payload=payload, host=host, http_port=http_port, grpc_port=grpc_port)
+    connect = {"model": model, "payload": payload, "host": host, "http_port": http_port, "grpc_port": grpc_port}
     make_sender(protocol, **connect)  # fail here, once, on a bad protocol or payload
     window = [float("inf"), float("inf")]
     stop = threading.Event()
@@ -193,14 +193,14 @@ def _client(factory, protocol: str, connect: dict, window: list[float], stop: th
             result: LoadResult) -> None:
     try:
         send = factory(protocol, **connect)
-    except Exception as exc:  # a client that cannot even connect counts as one error
+    except Exception as exc:  # noqa: BLE001 - a client that cannot even connect counts as one error
         result.errors, result.first_error = 1, f"{type(exc).__name__}: {exc}"
         return
     while not stop.is_set():
         start = time.perf_counter()
         try:
             send()
-        except Exception as exc:  # any failure of a request is counted, not fatal to the run
+        except Exception as exc:  # noqa: BLE001 - any failure of a request is counted, not fatal to the run
             end = time.perf_counter()
             if window[0] <= end <= window[1]:
                 result.errors += 1
@@ -220,7 +220,7 @@ def server_counts(model: str, *, host: str = "localhost", http_port: int = 8000)
         stats = client_lib.InferenceServerClient(f"{host}:{http_port}").get_inference_statistics(model)
         entry = stats["model_stats"][0]
         return int(entry["inference_count"]), int(entry["execution_count"])
-    except Exception as exc:  # statistics are a bonus; the client-side figures stand without them
+    except Exception as exc:  # noqa: BLE001 - statistics are a bonus; the client-side figures stand without them
         log.warning("no server statistics for %s: %s", model, exc)
         return 0, 0
 

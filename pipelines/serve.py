@@ -7,10 +7,10 @@ and are written into a rendered copy of the repository; see docs/serving.md.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import tempfile
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -51,29 +51,27 @@ def run_serve(
         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, decode_instances=decode_instances,
     )
     triton.check_shm(max_batch_size=max_batch_size)
+    temporary = run_dir is None
+    run_dir = Path(tempfile.mkdtemp(prefix="siglip-serve-") if temporary else run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so the server (in its own session) is always stopped on the way out.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with ExitStack() as stack:
-            if run_dir is None:
-                run_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="siglip-serve-"))
-            run_dir = Path(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            server = triton.TritonServer(
-                install=triton.find_install(tritonserver, run_dir),
-                repository=triton.render_repository(Path(repository), run_dir / "models", options),
-                log_path=run_dir / "tritonserver.log",
-                http_port=http_port or triton.free_port(), grpc_port=grpc_port or triton.free_port(),
-                metrics_port=metrics_port, address=address, shm_default_mb=shm_default_mb,
-                shm_growth_mb=shm_growth_mb, exit_timeout_s=exit_timeout_s, echo=echo_log,
-            )
-            stack.enter_context(server)
+        server = triton.prepare_server(
+            run_dir=run_dir, repository=Path(repository), options=options, tritonserver=tritonserver,
+            http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, address=address,
+            shm_default_mb=shm_default_mb, shm_growth_mb=shm_growth_mb, exit_timeout_s=exit_timeout_s,
+            echo=echo_log,
+        )
+        with server:
             _serve(server, ready_timeout_s)
     except KeyboardInterrupt:
         log.info("stopped")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if temporary:  # kept when the server failed: its log is named in the error
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _serve(server: triton.TritonServer, ready_timeout_s: float) -> None:

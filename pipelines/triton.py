@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,8 @@ from pipelines import names
 log = logging.getLogger(__name__)
 
 CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
+# A model that fails to load: `E... model_lifecycle.cc:642] "failed to load 'siglip' version 1: Internal: ...`
+LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (?:Internal: )?(.*?)(?:\\n|\"$|$)")
 HTTP_STARTED = "Started HTTPService at"
 GRPC_STARTED = "Started GRPCInferenceService at"
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -164,6 +167,20 @@ def _set_parameter(config, key: str, value: str) -> None:
     config.parameters[key].string_value = value
 
 
+def prepare_server(*, run_dir: Path, repository: Path, options: ModelOptions, tritonserver: str = "auto",
+                   http_port: int = 8000, grpc_port: int = 8001, **settings) -> TritonServer:
+    """Lay out `run_dir` (backend, rendered repository) and return a server on it, not yet started.
+
+    Port 0 means a free port; `settings` are TritonServer's other fields (address, metrics_port, echo, ...).
+    """
+    return TritonServer(
+        install=find_install(tritonserver, run_dir),
+        repository=render_repository(repository, run_dir / "models", options),
+        log_path=run_dir / "tritonserver.log",
+        http_port=http_port or free_port(), grpc_port=grpc_port or free_port(), **settings,
+    )
+
+
 def free_port(address: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -204,6 +221,7 @@ class TritonServer:
     process: subprocess.Popen | None = field(default=None, init=False)
     _seen: set[str] = field(default_factory=set, init=False)
     _tail: deque = field(default_factory=lambda: deque(maxlen=40), init=False)
+    _load_failures: list[str] = field(default_factory=list, init=False)
 
     @property
     def http_url(self) -> str:
@@ -256,6 +274,8 @@ class TritonServer:
                 text = line.decode("utf-8", "replace").rstrip()
                 self._tail.append(text)
                 self._seen.update(marker for marker in (HTTP_STARTED, GRPC_STARTED) if marker in text)
+                if failed := LOAD_FAILED.search(text):
+                    self._load_failures.append(f"model {failed[1]}: {failed[2]}")
                 if self.echo:
                     print(text, file=sys.stderr, flush=True)
 
@@ -283,9 +303,11 @@ class TritonServer:
         return None if self.process is None else self.process.poll()
 
     def log_tail(self) -> str:
-        """The server's last log lines, for error messages (empty when there are none)."""
+        """Why the server failed, for error messages: the models that failed to load, else its last log lines."""
+        if self._load_failures:
+            return ":\n" + "\n".join(self._load_failures) + f"\n(log: {self.log_path})"
         lines = [line for line in self._tail if line.strip()]
-        return "; its last log lines (" + str(self.log_path) + "):\n" + "\n".join(lines) if lines else ""
+        return f"; its last log lines ({self.log_path}):\n" + "\n".join(lines) if lines else ""
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (Triton unloads its models and ends its stubs), SIGKILL if that takes `timeout_s` more than
@@ -305,7 +327,7 @@ class TritonServer:
             pass
         return self.process.wait()
 
-    def __enter__(self) -> TritonServer:
+    def __enter__(self) -> TritonServer:  # noqa: PYI034 - Self needs Python 3.11
         self.start()
         return self
 

@@ -1,0 +1,133 @@
+"""pipelines/serve.py and pipelines/triton.py: the rendered repository, the bundled server's layout, ports,
+perf_analyzer's libraries, and the launcher's life cycle (ready, stopped by SIGTERM or Ctrl-C, nothing left)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from test_serving import launch, server_args, session_processes
+
+from pipelines import names, perf_analyzer, triton
+from pipelines.config import REPO_ROOT
+from pipelines.serve import run_serve
+
+SERVING = REPO_ROOT / "serving"
+
+
+def rendered(tmp_path: Path, **options) -> dict:
+    target = triton.render_repository(SERVING, tmp_path / "models", triton.ModelOptions(**options))
+    return {model: triton.read_config(target / model / "config.pbtxt") for model in names.MODELS}
+
+
+def kind(config) -> str:
+    return type(config.instance_group[0]).Kind.Name(config.instance_group[0].kind)
+
+
+def test_render_writes_the_settings_into_both_configs(tmp_path):
+    before = {m: (SERVING / m / "config.pbtxt").read_text() for m in names.MODELS}
+    configs = rendered(tmp_path, name_or_path="/models/so400m", revision="abc", dtype="float16", device="cpu",
+                       num_threads="2", max_batch_size=8, max_queue_delay_us=500, decode_instances=3)
+    for model, config in configs.items():
+        assert config.parameters[names.PARAM_MODEL].string_value == "/models/so400m"
+        assert config.parameters[names.PARAM_REVISION].string_value == "abc"
+        assert config.max_batch_size == 8 and config.dynamic_batching.max_queue_delay_microseconds == 500
+        assert (tmp_path / "models" / model / "1" / "model.py").read_text() == \
+            (SERVING / model / "1" / "model.py").read_text()
+    siglip, embed_image = configs[names.SIGLIP], configs[names.EMBED_IMAGE]
+    assert siglip.parameters[names.PARAM_DTYPE].string_value == "float16"
+    assert siglip.parameters[names.PARAM_THREADS].string_value == "2"
+    assert kind(siglip) == "KIND_CPU"
+    assert kind(embed_image) == "KIND_CPU" and embed_image.instance_group[0].count == 3
+    assert before == {m: (SERVING / m / "config.pbtxt").read_text() for m in names.MODELS}
+
+
+@pytest.mark.parametrize("device, expected, gpus", [("auto", "KIND_AUTO", []), ("cuda", "KIND_GPU", []),
+                                                    ("cuda:1", "KIND_GPU", [1])])
+def test_render_places_siglip_on_the_device(tmp_path, device, expected, gpus):
+    siglip = rendered(tmp_path, name_or_path="tiny", device=device)[names.SIGLIP]
+    assert kind(siglip) == expected and list(siglip.instance_group[0].gpus) == gpus
+
+
+def test_render_refuses_an_unknown_device(tmp_path):
+    with pytest.raises(triton.ServerError, match="device='tpu'"):
+        rendered(tmp_path, name_or_path="tiny", device="tpu")
+
+
+def test_bundled_install_lays_out_the_python_backend(tmp_path):
+    install = triton.find_install("auto", tmp_path)
+    assert install.binary.is_file() and install.binary.name == "tritonserver"
+    backend = install.backend_dir / "python"
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"):
+        assert (backend / name).resolve().is_file()
+    libpython = Path(install.env["LD_LIBRARY_PATH"].split(":")[0])
+    assert list(libpython.glob(f"libpython{sys.version_info.major}.{sys.version_info.minor}*.so*"))
+    assert install.env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+
+
+def test_missing_binary_is_reported(tmp_path):
+    with pytest.raises(triton.ServerError, match="no such file"):
+        triton.find_install(str(tmp_path / "tritonserver"), tmp_path)
+
+
+def test_a_taken_port_is_refused_before_starting(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert triton.port_in_use("127.0.0.1", port)
+        with pytest.raises(triton.ServerError, match=f"http_port={port} is in use"):
+            run_serve(model="tiny", repository=SERVING, http_port=port, grpc_port=triton.free_port(),
+                      address="127.0.0.1", run_dir=tmp_path, echo_log=False)
+    assert not triton.port_in_use("127.0.0.1", port)
+
+
+def test_perf_analyzer_libraries_are_linked():
+    folder = perf_analyzer.library_dir()
+    for soname in perf_analyzer.LIBRARIES:
+        assert (folder / soname).resolve().is_file()
+    result = subprocess.run([sys.executable, "-m", "pipelines.perf_analyzer", "--version"], check=False,
+                            capture_output=True, text=True, timeout=60)
+    assert "error while loading shared libraries" not in result.stderr
+    assert result.returncode == 0 and "Perf Analyzer Version 2.51" in result.stdout + result.stderr
+
+
+def test_configs_compose(compose_cfg):
+    serve = compose_cfg("serve", ["model=tiny", "http_port=9000"])
+    assert serve.model.name_or_path == "tiny" and serve.http_port == 9000 and serve.grpc_port == 8001
+    assert Path(serve.repository) == SERVING
+    load = compose_cfg("loadgen", ["protocols=[grpc]"])
+    assert list(load.protocols) == ["grpc"] and Path(load.pixel_values).is_file()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_launcher_stops_the_server_and_leaves_nothing(tmp_path, tiny_checkpoint, sig):
+    launched = launch(tmp_path, *server_args(tiny_checkpoint))
+    try:
+        processes = session_processes(launched.server_pid)
+        assert launched.server_pid in processes and len(processes) >= 3  # tritonserver and one stub per model
+        assert requests.get(f"http://localhost:{launched.http_port}/v2/health/ready").status_code == 200
+    finally:
+        code = launched.stop(sig)
+        left = session_processes(launched.server_pid)
+    assert code == 0, launched.output.read_text()
+    assert left == [] and not triton.port_in_use("127.0.0.1", launched.http_port)
+    assert "stopped" in launched.output.read_text()
+
+
+@pytest.mark.server
+def test_a_model_that_cannot_load_is_reported(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.serve", f"model.name_or_path={missing}", "http_port=0", "grpc_port=0",
+         "address=127.0.0.1", "echo_log=false", "ready_timeout_s=120", f"run_dir={tmp_path / 'run'}"],
+        check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: tritonserver exited") and str(missing) in result.stderr
