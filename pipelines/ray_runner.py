@@ -1,0 +1,252 @@
+"""The Ray runner: Ray Data decodes on CPU tasks, an actor pool runs the encoder, the driver writes parts.
+
+A drop-in for `pipelines.runner.embed_split` (same keyword arguments, plus the Ray settings that
+`conf/runner/ray.yaml` binds). It reuses the core stages unchanged: the same records, `ImageFolderDataset`
+decoding and `Preprocess.resize` in the CPU tasks, `load_encoder` + `Encoder.embed_uint8` in the actors, and
+the local runner's `PartWriter` and errors file on the driver. Every part is written by the driver, so parts
+stay atomic and a rerun resumes from `store.done_paths` exactly as after a local run (docs/scale-out.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from pipelines import store
+from pipelines.data import ImageFolderDataset, ImageRecord, worker_init
+from pipelines.runner import PartWriter, SplitStats
+from pipelines.siglip import Encoder, Preprocess, load_encoder
+
+log = logging.getLogger(__name__)
+
+# Rows of the listing per decode task: large enough to keep per-task overhead small on big datasets, while
+# a small dataset is still cut into several tasks so that every CPU decodes.
+MAX_ROWS_PER_TASK = 1024
+TASKS_PER_CPU = 4
+# Memory a decode task asks Ray for: a worker process with torch loaded (~0.5 GB resident) plus a batch of
+# sources and resized copies (sources are usually larger than the model's input).
+DECODE_BASE_MEMORY = 512 * 2**20
+DECODE_MEMORY_FACTOR = 4
+
+
+def embed_split(
+    *,
+    encoder: Encoder,
+    root: Path,
+    split: str,
+    records: list[ImageRecord],
+    output_dir: Path,
+    batch_size: int,
+    num_workers: int,
+    rows_per_part: int,
+    prefix: str,
+    progress: bool = True,
+    address: str | None = None,
+    num_actors: int | str = "auto",
+    num_gpus_per_actor: float | str = "auto",
+    num_cpus_per_actor: float = 1,
+    num_cpus: int | None = None,
+    object_store_memory: int | None = None,
+    log_to_driver: bool = True,
+) -> SplitStats:
+    """Embed the records not yet in `output_dir/split` on Ray; errors go to its errors file.
+
+    `num_workers` is unused: Ray runs decode tasks on every CPU of the cluster the actors leave free.
+    `address`, `num_cpus`, `object_store_memory`, `log_to_driver` go to `connect`.
+    """
+    split_dir = Path(output_dir) / split
+    store.remove_stale_tmp(split_dir, prefix)
+    done = store.done_paths(split_dir)
+    todo = [r for r in records if r.path not in done]
+    stats = SplitStats(split=split, listed=len(records), already_done=len(records) - len(todo))
+    if not todo:
+        return stats
+    connect(address=address, num_cpus=num_cpus, object_store_memory=object_store_memory, log_to_driver=log_to_driver)
+    gpus, actors = resolve_actors(num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
+                                  num_cpus_per_actor=num_cpus_per_actor)
+    log.info("%s: %d images on Ray, %d encoder actor(s) with %s GPU and %s CPU each",
+             split, len(todo), actors, gpus, num_cpus_per_actor)
+    dataset = build_dataset(todo, root=root, encoder=encoder, batch_size=batch_size, num_actors=actors,
+                            num_gpus_per_actor=gpus, num_cpus_per_actor=num_cpus_per_actor)
+    writer = PartWriter(split_dir, metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix)
+    bar = tqdm(total=len(todo), desc=f"embed {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        _drain(dataset, writer, split_dir, stats, bar)
+    finally:
+        bar.close()
+        writer.close()
+    stats.write_s = writer.write_s
+    stats.wall_s = time.perf_counter() - start
+    return stats
+
+
+def connect(
+    *, address: str | None, num_cpus: int | None = None, object_store_memory: int | None = None,
+    log_to_driver: bool = True,
+) -> None:
+    """Join the cluster at `address` (else $RAY_ADDRESS); without either, start a local Ray for this process.
+
+    A local Ray stops when the process exits (Ray's own exit hook); `num_cpus` and `object_store_memory`
+    (bytes) size it and are ignored when joining a cluster. An already connected process is left as it is.
+    """
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=log_to_driver)
+        else:
+            # "local": never attach to whatever cluster this machine last started by accident.
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+                     include_dashboard=False, log_to_driver=log_to_driver)
+    # The job draws its own progress bar, as the local runner does.
+    DataContext.get_current().enable_progress_bars = False
+
+
+def resolve_actors(
+    *, num_actors: int | str, num_gpus_per_actor: float | str, num_cpus_per_actor: float
+) -> tuple[float, int]:
+    """(GPUs per actor, actor count); 'auto' = one GPU per actor and one actor per GPU of the cluster.
+
+    A cluster without GPUs gets CPU actors: as many as use half of its CPUs, the other half decoding.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    cluster_gpus = resources.get("GPU", 0.0)
+    gpus = (1.0 if cluster_gpus > 0 else 0.0) if num_gpus_per_actor == "auto" else float(num_gpus_per_actor)
+    if gpus > cluster_gpus:
+        raise ValueError(f"runner.num_gpus_per_actor={gpus}: the Ray cluster has {cluster_gpus:g} GPU(s)")
+    if num_actors != "auto":
+        actors = int(num_actors)
+        if actors < 1:
+            raise ValueError(f"runner.num_actors={num_actors}: need at least one encoder actor")
+    elif gpus > 0:
+        actors = int(cluster_gpus // gpus)
+    else:
+        actors = max(1, int(resources.get("CPU", 1.0) // 2 // num_cpus_per_actor))
+    return gpus, actors
+
+
+def build_dataset(
+    records: list[ImageRecord], *, root: Path, encoder: Encoder, batch_size: int, num_actors: int,
+    num_gpus_per_actor: float, num_cpus_per_actor: float,
+):
+    """The lazy pipeline: listing blocks -> decode + resize (CPU tasks) -> embed (actor pool).
+
+    Rows out: path, label, error ('' when embedded), embedding float32 [D] (zeros on error), model_s.
+    """
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    table = pa.table({"path": [r.path for r in records], "label": [r.label for r in records]})
+    step = _rows_per_task(len(records), batch_size, int(ray.cluster_resources().get("CPU", 1)))
+    listing = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(records), step)])
+    metadata = encoder.metadata()
+    pixels = encoder.preprocess.height * encoder.preprocess.width * 3
+    decoded = listing.map_batches(
+        decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+        # Also keeps Ray from fusing the decode into the actors (it fuses equal resource requests only), which
+        # would serialise decoding behind the model.
+        memory=DECODE_BASE_MEMORY + DECODE_MEMORY_FACTOR * batch_size * pixels,
+        fn_kwargs={"root": str(root), "preprocess": encoder.preprocess},
+    )
+    return decoded.map_batches(
+        EmbedActor, batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=num_actors),
+        num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor,
+        fn_constructor_kwargs={
+            "model": encoder.name_or_path, "revision": encoder.revision, "dtype": metadata["dtype"],
+            "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
+            "threads": max(1, int(num_cpus_per_actor)), "expected": metadata,
+        },
+    )
+
+
+def _rows_per_task(rows: int, batch_size: int, cpus: int) -> int:
+    return max(batch_size, min(MAX_ROWS_PER_TASK, math.ceil(rows / (TASKS_PER_CPU * max(1, cpus)))))
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, root: str, preprocess: Preprocess) -> dict[str, np.ndarray]:
+    """{path, label} [B] -> the same plus pixels uint8 [B, 3, H, W] (zeros on failure) and error [B] ('' if none).
+
+    Each row goes through `ImageFolderDataset`, so the pixels and the error texts are the local runner's.
+    """
+    worker_init(0)
+    records = [ImageRecord(str(p), str(label)) for p, label in zip(batch["path"], batch["label"])]
+    dataset = ImageFolderDataset(root, records, preprocess)
+    pixels = np.zeros((len(records), 3, preprocess.height, preprocess.width), np.uint8)
+    errors = []
+    for i in range(len(records)):
+        item = dataset[i]
+        if item["error"] is None:
+            pixels[i] = item["pixels"].numpy()
+        errors.append(item["error"] or "")
+    return {"path": batch["path"], "label": batch["label"], "pixels": pixels, "error": np.array(errors, object)}
+
+
+class EmbedActor:
+    """One encoder per actor: a decoded batch -> path, label, error, embedding float32 [B, D], model_s [B]."""
+
+    def __init__(self, *, model: str, revision: str | None, dtype: str, device: str, threads: int,
+                 expected: dict[str, Any]) -> None:
+        if device == "cpu":
+            torch.set_num_threads(threads)  # the actor's CPU share; more threads fight the decode tasks
+        self.encoder = load_encoder(model, device=device, dtype=dtype, revision=revision)
+        # The driver writes its own metadata into every footer: each node must load exactly that model.
+        got = self.encoder.metadata()
+        diffs = [f"{k}: {expected.get(k)!r} on the driver, {got.get(k)!r} here" for k in store.IDENTITY_KEYS
+                 if got.get(k) != expected.get(k)]
+        if diffs:
+            raise store.StoreMismatchError(
+                f"the encoder loaded on {socket.gethostname()} differs from the driver's ({'; '.join(diffs)}); "
+                "install the same project version and checkpoint on every node"
+            )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error"] == ""
+        start = time.perf_counter()
+        embeddings = np.zeros((len(ok), self.encoder.embedding_dim), np.float32)
+        if ok.any():
+            embeddings[ok] = self.encoder.embed_uint8(torch.from_numpy(batch["pixels"][ok])).cpu().numpy()
+        # The batch's model time spread over its rows, so that any regrouping of rows keeps the total.
+        model_s = np.full(len(ok), (time.perf_counter() - start) / max(1, len(ok)))
+        return {"path": batch["path"], "label": batch["label"], "error": batch["error"],
+                "embedding": embeddings, "model_s": model_s}
+
+
+def _drain(dataset, writer: PartWriter, split_dir: Path, stats: SplitStats, bar: tqdm) -> None:
+    # Results arrive in completion order; parts need no order (readers sort by path).
+    tick = time.perf_counter()
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        stats.read_s += time.perf_counter() - tick
+        failed = batch["error"] != ""
+        _record_failures(batch, failed, split_dir, stats)
+        ok = ~failed
+        if ok.any():
+            writer.add(batch["path"][ok].tolist(), batch["label"][ok].tolist(), batch["embedding"][ok])
+        stats.embedded += int(ok.sum())
+        stats.model_s += float(batch["model_s"].sum())
+        bar.update(len(failed))
+        tick = time.perf_counter()
+
+
+def _record_failures(batch: dict[str, np.ndarray], failed: np.ndarray, split_dir: Path, stats: SplitStats) -> None:
+    errors = []
+    for path, label, reason in zip(batch["path"][failed], batch["label"][failed], batch["error"][failed]):
+        log.warning("skipped %s: %s", path, reason)
+        errors.append({"path": str(path), "label": str(label), "error": str(reason)})
+    store.append_errors(split_dir, errors)
+    stats.errors += len(errors)
