@@ -148,7 +148,7 @@ def run_bench(
                                             rounds=preprocess.rounds))
     encoder = None
     if "model" in parts or "embed" in parts:
-        keep = (embed.dtype, embed.batch_size, embed.compile)
+        keep = (embed.dtype, embed.batch_size, embed.compile) if "embed" in parts else None
         sweep_results, encoder = run_sweep(model=model, revision=revision, device=torch_device, sweep=sweep,
                                            keep=keep, measure="model" in parts, peak=peak)
         save("flops_per_image", sweep_results["flops_per_image"])
@@ -266,17 +266,21 @@ def count_flops(model: torch.nn.Module, *, height: int, width: int) -> int:
 
 
 def run_sweep(*, model: str, revision: str | None, device: torch.device, sweep: SweepSettings,
-              keep: tuple[str, int, bool], measure: bool, peak: float | None) -> tuple[dict[str, Any], Encoder]:
+              keep: tuple[str, int, bool] | None, measure: bool,
+              peak: float | None) -> tuple[dict[str, Any], Encoder | None]:
     """Time every setting of `sweep` (when `measure`); returns the figures and a warm encoder for `keep`.
 
-    `keep` (dtype, batch size, compile) is the embed job's setting: timed last, its encoder is handed on warm.
+    `keep` (dtype, batch size, compile) is the embed job's setting: timed last (when `measure`), its encoder is
+    handed on warm; None: no encoder is kept.
     """
     def canonical(dtype: str, batch_size: int, compiled: bool) -> tuple[str, int, bool]:
         return str(resolve_dtype(dtype, device)).removeprefix("torch."), batch_size, compiled
 
-    keep = canonical(*keep)
+    keep = canonical(*keep) if keep else None
     configs = [canonical(d, b, c) for d in sweep.dtypes for b in sweep.batch_sizes for c in sweep.compile]
-    configs = list(dict.fromkeys(c for c in configs if c != keep)) + [keep] if measure else [keep]
+    configs = list(dict.fromkeys(c for c in configs if c != keep)) if measure else []
+    configs += [keep] if keep else []
+    encoder = None
     runs, flops = [], None
     for dtype, batch_size, compiled in configs:
         if compiled:
@@ -291,7 +295,7 @@ def run_sweep(*, model: str, revision: str | None, device: torch.device, sweep: 
             runs.append(_model_row(encoder, batch_size, compiled, figures, flops, peak))
             log.info("model alone: %s", runs[-1])
         if (dtype, batch_size, compiled) != keep:
-            del encoder
+            encoder = None
             _free(device)
     return {"flops_per_image": flops, "runs": runs}, encoder
 
