@@ -152,7 +152,8 @@ def plot_per_class(table: pd.DataFrame, *, worst: int, title: str) -> Figure:
     hist.set(xlabel="top-1 accuracy of a class (%)", ylabel="classes", title="per-class top-1")
     hist.yaxis.set_major_locator(MaxNLocator(integer=True))
     hist.legend()
-    labels = [f"{name[:28]} ({label})" if name != label else label for label, name in zip(shown["label"], shown["name"])]
+    labels = [label if name == label else f"{name[:28]} ({label})"
+              for label, name in zip(shown["label"], shown["name"], strict=True)]
     bars.barh(range(len(shown)), shown["top1"] * 100, color="tab:orange")
     bars.set_yticks(range(len(shown)), labels, fontsize=8)
     bars.invert_yaxis()
@@ -161,20 +162,41 @@ def plot_per_class(table: pd.DataFrame, *, worst: int, title: str) -> Figure:
     return fig
 
 
-def predictions_frame(result: knn.Result, *, query: store.Split, train_paths: list[str],
-                      train_labels: list[str], classes: list[str]) -> pd.DataFrame:
-    """One row per query: path, label, prediction, top-5 labels, the neighbours' train paths, labels, distances."""
-    cls = np.asarray(classes, dtype=object)
-    neighbours = result.neighbours.indices
+def predictions_frame(result: knn.Result, data: Labelled, *, rows: np.ndarray) -> pd.DataFrame:
+    """One row per query: path, label, prediction, top-5 labels, the neighbours' train paths, labels, distances.
+
+    `rows` int [n]: the train rows the result's neighbour indices refer to (the episode's draw).
+    """
+    cls = np.asarray(data.classes, dtype=object)
+    neighbours = rows[result.neighbours.indices]
     return pd.DataFrame({
-        "path": query.paths,
-        "label": query.labels,
+        "path": data.query.paths,
+        "label": data.query.labels,
         "prediction": cls[result.predictions],
         "top5": [list(row) for row in cls[result.top(5)]],
-        "neighbours": [list(row) for row in np.asarray(train_paths, dtype=object)[neighbours]],
-        "neighbour_labels": [list(row) for row in np.asarray(train_labels, dtype=object)[neighbours]],
+        "neighbours": [list(row) for row in np.asarray(data.train.paths, dtype=object)[neighbours]],
+        "neighbour_labels": [list(row) for row in np.asarray(data.train.labels, dtype=object)[neighbours]],
         "distances": list(result.neighbours.distances),
     })
+
+
+@dataclass
+class Labelled:
+    """The two splits read and checked, their sorted classes, and int64 class indices [N] and [Q]."""
+
+    train: store.Split
+    query: store.Split
+    classes: list[str]
+    y_train: np.ndarray
+    y_query: np.ndarray
+
+
+def load_splits(embeddings_dir: Path, train_split: str, query_split: str) -> Labelled:
+    """Read both splits through the store; refuse a mismatch (UserError)."""
+    train, query = store.read_split(embeddings_dir, train_split), store.read_split(embeddings_dir, query_split)
+    check_compatible(train, query, names=(train_split, query_split))
+    classes = sorted(set(train.labels))
+    return Labelled(train, query, classes, _codes(train.labels, classes), _codes(query.labels, classes))
 
 
 def run_validate(
@@ -201,38 +223,35 @@ def run_validate(
         raise UserError(f"episodes={episodes}: expected at least 1")
     backend = knn.make_backend(backend) if isinstance(backend, str) else backend
     embeddings_dir = Path(embeddings_dir)
-    train, query = store.read_split(embeddings_dir, train_split), store.read_split(embeddings_dir, query_split)
-    check_compatible(train, query, names=(train_split, query_split))
+    data = load_splits(embeddings_dir, train_split, query_split)
     read_s = time.perf_counter() - start
-    classes = sorted(set(train.labels))
-    y_train, y_query = _codes(train.labels, classes), _codes(query.labels, classes)
-    draws = episode_draws(y_train, len(classes), shots=shots, episodes=episodes, seed=seed)
-    tally, first = _run_episodes(train, y_train, query, y_query, draws, n_classes=len(classes),
-                                 k=k, weights=weights, metric=metric, backend=backend)
+    n_classes = len(data.classes)
+    draws = episode_draws(data.y_train, n_classes, shots=shots, episodes=episodes, seed=seed)
+    tally, first = _run_episodes(data, draws, n_classes=n_classes, k=k, weights=weights, metric=metric,
+                                 backend=backend)
     names_path = find_class_names(class_names, [embeddings_dir, *([Path(dataset_root)] if dataset_root else [])])
-    table = per_class_table(tally, classes, read_class_names(names_path) if names_path else {},
-                            query_counts=np.bincount(y_query, minlength=len(classes)),
-                            train_counts=np.bincount(y_train[draws[0]], minlength=len(classes)))
+    table = per_class_table(tally, data.classes, read_class_names(names_path) if names_path else {},
+                            query_counts=np.bincount(data.y_query, minlength=n_classes),
+                            train_counts=np.bincount(data.y_train[draws[0]], minlength=n_classes))
     report = {
         "embeddings_dir": str(embeddings_dir),
         **_accuracy(tally),
-        "num_classes": len(classes),
+        "num_classes": n_classes,
         "num_train": len(draws[0]),
-        "num_train_available": len(y_train),
-        "num_query": len(y_query),
+        "num_train_available": len(data.y_train),
+        "num_query": len(data.y_query),
         "settings": {"train_split": train_split, "query_split": query_split, "k": k, "weights": weights,
                      "metric": metric, "shots": shots, "episodes": len(draws), "seed": seed,
-                     "subsampled": len(draws[0]) < len(y_train)},
+                     "subsampled": len(draws[0]) < len(data.y_train)},
         "backend": backend.describe(),
-        "model": train.metadata,
+        "model": data.train.metadata,
         "class_names": str(names_path) if names_path else None,
-        "dataset_root": _image_root(dataset_root, train.paths[0]),
+        "dataset_root": _image_root(dataset_root, data.train.paths[0]),
         "per_episode": tally.episodes,
     }
-    predictions = predictions_frame(first, query=query, train_paths=[train.paths[i] for i in draws[0]],
-                                    train_labels=[train.labels[i] for i in draws[0]], classes=classes)
-    out = Path(output_dir) if output_dir else embeddings_dir / "validation"
-    _write(out, report, table, predictions, worst=worst, read_s=read_s, start=start)
+    predictions = predictions_frame(first, data, rows=draws[0])
+    _write(Path(output_dir) if output_dir else embeddings_dir / "validation", report, table, predictions,
+           worst=worst, read_s=read_s, start=start)
     return report
 
 
@@ -241,14 +260,13 @@ def _codes(labels: list[str], classes: list[str]) -> np.ndarray:
     return np.searchsorted(np.asarray(classes), np.asarray(labels)).astype(np.int64)
 
 
-def _run_episodes(train: store.Split, y_train: np.ndarray, query: store.Split, y_query: np.ndarray,
-                  draws: list[np.ndarray], **knn_args: Any) -> tuple[Tally, knn.Result]:
+def _run_episodes(data: Labelled, draws: list[np.ndarray], **knn_args: Any) -> tuple[Tally, knn.Result]:
     """Classify the queries once per draw of train rows; the tally and the first episode's result."""
     tally, first = Tally(knn_args["n_classes"]), None
     for i, rows in enumerate(draws):
         t0 = time.perf_counter()
-        result = knn.classify(train.embeddings[rows], y_train[rows], query.embeddings, **knn_args)
-        tally.add(result, y_query, train_images=len(rows), knn_s=round(time.perf_counter() - t0, 3))
+        result = knn.classify(data.train.embeddings[rows], data.y_train[rows], data.query.embeddings, **knn_args)
+        tally.add(result, data.y_query, train_images=len(rows), knn_s=round(time.perf_counter() - t0, 3))
         log.info("episode %d/%d: top-1 %.2f%%, %.1f s", i + 1, len(draws), 100 * tally.episodes[-1]["top1"],
                  tally.episodes[-1]["knn_s"])
         first = first or result
@@ -299,12 +317,12 @@ def format_report(report: dict[str, Any], table: pd.DataFrame, *, rows: int = 10
     top1, top5 = (f"{100 * report[key]:.2f}%" + (f" ± {100 * report[key + '_std']:.2f}" if runs > 1 else "")
                   for key in ("top1", "top5"))
     lines = [
-        f"{report['embeddings_dir']}: {model['model']} ({model['embedding_dim']}-d), "
-        f"k={s['k']} {s['weights']} {s['metric']}, backend {backend['name']}{device}",
-        f"classes {report['num_classes']}   {s['train_split']} {report['num_train']}{available}   "
-        f"{s['query_split']} {report['num_query']}   episodes {runs}",
-        f"top-1 {top1}   top-5 {top5}   ({report['seconds']['knn']:.1f} s k-NN, "
-        f"{report['seconds']['total']:.1f} s in all)",
+        (f"{report['embeddings_dir']}: {model['model']} ({model['embedding_dim']}-d), "
+         f"k={s['k']} {s['weights']} {s['metric']}, backend {backend['name']}{device}"),
+        (f"classes {report['num_classes']}   {s['train_split']} {report['num_train']}{available}   "
+         f"{s['query_split']} {report['num_query']}   episodes {runs}"),
+        (f"top-1 {top1}   top-5 {top5}   ({report['seconds']['knn']:.1f} s k-NN, "
+         f"{report['seconds']['total']:.1f} s in all)"),
         "worst classes by top-1:",
         f"  {'class':<40}{'top-1':>8}{'top-5':>8}  most often taken for",
     ]

@@ -111,10 +111,10 @@ def test_refusals_name_the_problem(tmp_path):
 def test_cli(tmp_path):
     source = fake_kaggle(tmp_path / "kaggle")
     run = [sys.executable, "-m", "pipelines.subset", f"source={source}", f"output={tmp_path / 'out'}"]
-    result = subprocess.run(run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(run, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "6 classes" in result.stdout and "train 60 (10/class), valid 120 (20/class)" in result.stdout
-    result = subprocess.run(run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(run, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "already holds train" in result.stderr
-    result = subprocess.run(run[:4], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(run[:4], check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "error: output is required" in result.stderr
