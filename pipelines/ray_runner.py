@@ -5,6 +5,7 @@ A drop-in for `pipelines.runner.embed_split` (same keyword arguments, plus the R
 decoding and `Preprocess.resize` in the CPU tasks, `load_encoder` + `Encoder.embed_uint8` in the actors, and
 the local runner's `PartWriter` and errors file on the driver. Every part is written by the driver, so parts
 stay atomic and a rerun resumes from `store.done_paths` exactly as after a local run (docs/scale-out.md).
+Ray is an optional extra (`.[ray]`), so it is imported inside the functions that use it.
 """
 
 from __future__ import annotations
