@@ -227,7 +227,7 @@ def server_counts(model: str, *, host: str = "localhost", http_port: int = 8000)
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of `LoadResult.summary()` dicts (other rows may leave columns out)."""
-    columns = ["source", "protocol", "concurrency", "infer_per_s", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
+    columns = ["source", "protocol", "concurrency", "infer_per_s", "avg_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
                "requests", "errors", "avg_batch"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:

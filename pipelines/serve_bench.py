@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -52,8 +53,9 @@ def run_bench(*, model: str, concurrency: list[int], protocols: list[str], durat
                 for n in concurrency:
                     rows.append(run_perf_analyzer(server, protocol=protocol, concurrency=n,
                                                   interval_ms=perf_interval_ms, input_data=pixel_values))
-    batches = sorted({1, *(round(r["server_inferences"] / r["server_executions"]) for r in rows
-                           if r.get("server_executions"))})
+    formed = [r["server_inferences"] / r["server_executions"] for r in rows
+              if r.get("server_executions") and r["concurrency"] == max(concurrency)]
+    batches = sorted({1, round(float(np.median(formed))) if formed else max_batch_size})
     rows += in_process(model, payload=torch.from_numpy(payload), batch_sizes=batches, num_threads=num_threads,
                        duration_s=min(duration_s, 5.0))
     table = loadgen.format_table(rows)
@@ -73,20 +75,33 @@ def perf_analyzer_command(*, url: str, protocol: str, concurrency: int, interval
 
 def run_perf_analyzer(server: triton.TritonServer, *, protocol: str, concurrency: int, interval_ms: int,
                       input_data: str) -> dict[str, Any]:
-    """One perf_analyzer run -> a table row (its client-side figures; `unstable` when it found none stable)."""
+    """One perf_analyzer run -> a table row of its client-side figures."""
     url = server.grpc_url if protocol == "grpc" else server.http_url
     command = perf_analyzer_command(url=url, protocol=protocol, concurrency=concurrency, interval_ms=interval_ms,
                                     input_data=input_data)
     log.info("running %s", " ".join(command[2:]))
     out = subprocess.run(command, check=False, capture_output=True, text=True,
                          timeout=interval_ms / 1000 * 12 + 120).stdout
-    row: dict[str, Any] = {"source": "perf_analyzer", "protocol": protocol, "concurrency": concurrency}
+    row = parse_perf_analyzer(out)
+    if isinstance(row["infer_per_s"], str):
+        log.warning("perf_analyzer found no stable measurement:\n%s", out[-2000:])
+    return {"source": "perf_analyzer", "protocol": protocol, "concurrency": concurrency, **row}
+
+
+def parse_perf_analyzer(out: str) -> dict[str, Any]:
+    """perf_analyzer's -v output -> infer_per_s, avg/p50/p90/p95/p99 ms, server inferences and executions.
+
+    Without a stable measurement (no three windows within 10% of each other, as on a busy machine),
+    infer_per_s is "<mean of the last three windows> (unstable)", with their mean latency.
+    """
     found = {key: re.search(pattern, out) for key, pattern in _PERF_FIGURES.items()}
     if found["infer_per_s"] is None:
-        passes = re.findall(r"throughput: ([\d.]+) infer/sec", out)
-        log.warning("perf_analyzer found no stable window (%s passes):\n%s", len(passes), out[-2000:])
-        return {**row, "infer_per_s": f"unstable ({passes[-1] if passes else 'no'} infer/s last)"}
-    row["infer_per_s"] = float(found.pop("infer_per_s")[1])
+        passes = re.findall(r"throughput: ([\d.]+) infer/sec. Avg latency: (\d+) usec", out)[-3:]
+        if not passes:
+            return {"infer_per_s": "failed"}
+        mean = np.array(passes, dtype=float).mean(0)
+        return {"infer_per_s": f"{mean[0]:.2f} (unstable)", "avg_ms": round(mean[1] / 1000, 2)}
+    row: dict[str, Any] = {"infer_per_s": float(found.pop("infer_per_s")[1])}
     row.update({key: round(int(match[1]) / 1000, 2) for key, match in found.items() if match})
     if counts := re.search(r"Inference count: (\d+)\s+Execution count: (\d+)", out):
         row.update(server_inferences=int(counts[1]), server_executions=int(counts[2]))
@@ -95,6 +110,7 @@ def run_perf_analyzer(server: triton.TritonServer, *, protocol: str, concurrency
 
 _PERF_FIGURES = {
     "infer_per_s": r"Client:[\s\S]*?Throughput: ([\d.]+) infer/sec",
+    "avg_ms": r"Client:[\s\S]*?Avg latency: (\d+) usec",
     "p50_ms": r"p50 latency: (\d+) usec", "p90_ms": r"p90 latency: (\d+) usec",
     "p95_ms": r"p95 latency: (\d+) usec", "p99_ms": r"p99 latency: (\d+) usec",
 }
@@ -120,7 +136,8 @@ def in_process(model: str, *, payload: torch.Tensor, batch_sizes: list[int], num
             elapsed = time.perf_counter() - start
             rows.append({"source": "in-process", "protocol": f"Encoder.embed, batch {batch}", "concurrency": "",
                          "infer_per_s": round(calls * batch / elapsed, 2),
-                         "p50_ms": round(sorted(latencies)[len(latencies) // 2] * 1000, 2), "requests": calls})
+                         "avg_ms": round(elapsed / calls * 1000, 2),
+                         "p50_ms": round(float(np.median(latencies)) * 1000, 2), "requests": calls})
         return rows
     finally:
         torch.set_num_threads(threads)

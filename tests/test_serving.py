@@ -20,7 +20,7 @@ import requests
 import torch
 from tritonclient.grpc import model_config_pb2
 
-from pipelines import loadgen, names, serving, store, triton
+from pipelines import loadgen, names, serve_bench, serving, store, triton
 from pipelines.config import REPO_ROOT
 from pipelines.data import DecodeError, ImageFolderDataset, ImageRecord, decode
 from pipelines.embed import run_embed
@@ -407,3 +407,6 @@ def test_perf_analyzer_runs_the_seed_command(server):
     result = subprocess.run(command, check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert "Successfully read data for 1 stream" in result.stdout, result.stdout + result.stderr
     assert re.search(r"Pass \[1\] throughput: [1-9][\d.]* infer/sec", result.stdout), result.stdout
+    figures = serve_bench.parse_perf_analyzer(result.stdout)  # what python -m pipelines.serve_bench tabulates
+    assert figures["infer_per_s"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"]
+    assert figures["server_inferences"] >= figures["server_executions"] > 0
