@@ -80,13 +80,17 @@ def prepared(x: np.ndarray, metric: str) -> np.ndarray:
     return x
 
 
-def exact_distances(train: np.ndarray, query: np.ndarray, indices: np.ndarray, *, metric: str) -> np.ndarray:
+def exact_distances(train: np.ndarray, query: np.ndarray, indices: np.ndarray, *, metric: str,
+                    buffer: np.ndarray | None = None) -> np.ndarray:
     """float64 [Q, c] distances from each query to its listed train rows, by sklearn's formulas.
 
-    `train` [N, D] and `query` [Q, D] come from `prepared`; `indices` is int [Q, c].
+    `train` [N, D] and `query` [Q, D] come from `prepared`; `indices` is int [Q, c]; `buffer`, float64 with at
+    least Q * c * D elements, is reused for the gathered rows (fresh allocations of this size cost page faults).
     cosine: clip(1 - <q, t>, 0, 2); euclidean: sqrt(max(|q|^2 - 2 <q, t> + |t|^2, 0)).
     """
-    t = train[indices]
+    shape = (*indices.shape, train.shape[1])
+    out = None if buffer is None else buffer[:np.prod(shape)].reshape(shape)
+    t = np.take(train, indices, axis=0, out=out, mode="clip")  # indices are valid; "clip" avoids a copy of out
     dots = np.einsum("qd,qcd->qc", query, t)
     if metric == "cosine":
         return np.clip(1.0 - dots, 0.0, 2.0)
@@ -196,10 +200,11 @@ def _rerank(train: np.ndarray, query: np.ndarray, idx: np.ndarray, within: np.nd
     dist = np.empty((len(query), k))
     ind = np.empty((len(query), k), dtype=np.int64)
     rows = 1024
+    buffer = np.empty(min(rows, len(query)) * idx.shape[1] * train.shape[1])
     for start in range(0, len(query), rows):
         sl = slice(start, start + rows)
         m = max(k, int(within[sl].sum(axis=1).max()))  # gather only the candidates that can matter
-        d = exact_distances(train, query[sl], idx[sl, :m], metric=metric)
+        d = exact_distances(train, query[sl], idx[sl, :m], metric=metric, buffer=buffer)
         order = np.argsort(d, axis=1, kind="stable")[:, :k]
         dist[sl], ind[sl] = np.take_along_axis(d, order, axis=1), np.take_along_axis(idx[sl, :m], order, axis=1)
     return Neighbours(dist, ind)
