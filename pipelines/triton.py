@@ -8,6 +8,7 @@ the model, dtype, device and batch sizes chosen at launch, so the code and the c
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
@@ -37,6 +38,7 @@ HTTP_STARTED = "Started HTTPService at"
 GRPC_STARTED = "Started GRPCInferenceService at"
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 _STUB = "triton_python_backend_stub"
+_PR_SET_PDEATHSIG = 1
 
 
 class ServerError(RuntimeError):
@@ -260,9 +262,13 @@ class TritonServer:
             if port is not None and port_in_use(self.address, port):
                 raise ServerError(f"{flag}={port} is in use (another server?): stop it or choose another port")
         log.debug("starting %s", " ".join(self.command()))
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only calls it
         self.process = subprocess.Popen(
             self.command(), env=self.install.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, start_new_session=True,
+            # SIGTERM to the server when the launcher dies, even by SIGKILL (Linux PR_SET_PDEATHSIG). The
+            # launcher and the benchmark start the server before starting any thread of their own.
+            preexec_fn=lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM),  # noqa: PLW1509
         )
         threading.Thread(target=self._pump, name="tritonserver-log", daemon=True).start()
 

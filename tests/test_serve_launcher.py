@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,17 @@ def test_a_model_that_cannot_load_is_reported(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: tritonserver exited") and str(missing) in result.stderr
+
+
+@pytest.mark.server
+def test_a_killed_launcher_takes_the_server_with_it(tmp_path, tiny_checkpoint):
+    launched = launch(tmp_path, *server_args(tiny_checkpoint))
+    try:
+        launched.launcher.kill()  # SIGKILL: no clean-up code of the launcher runs
+        launched.launcher.wait(30)
+        deadline = time.monotonic() + 60
+        while session_processes(launched.server_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session_processes(launched.server_pid) == []
+    finally:
+        launched.stop()
