@@ -179,7 +179,7 @@ class CandidateBackend(Backend):
 
 
 def _tolerance(train: np.ndarray, query: np.ndarray, approx: np.ndarray, *, metric: str) -> np.ndarray:
-    """float64 [Q, 1]: a bound on |approx - exact| for any train row, from float32 rounding.
+    """float64 [Q]: a bound on |approx - exact| for any train row and each query, from float32 rounding.
 
     Rounding the inputs plus a D-term dot product cost at most (D + 16) u |q| |t| (u = 2^-24): unit rows for
     cosine, (|q| + |t|)^2 on squared distances for euclidean.
