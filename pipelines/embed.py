@@ -56,7 +56,8 @@ def run_embed(
     encoder = load_encoder(model, device=device, dtype=dtype, revision=revision)
     if compile:
         encoder.compile(batch_size=batch_size)
-    store.prepare_output(output_dir, encoder.metadata(), overwrite=overwrite)
+    # The root is recorded for readers (validate, notebooks) that look for the images; it is not an identity key.
+    store.prepare_output(output_dir, {**encoder.metadata(), "dataset_root": str(root.resolve())}, overwrite=overwrite)
     prefix = f"shard{shard_index}of{shard_count}"
     start = time.perf_counter()
     results: list[SplitStats] = []
@@ -67,7 +68,9 @@ def run_embed(
             progress=progress,
         ))
     summary = _summary(results, time.perf_counter() - start, encoder.metadata(), output_dir,
-                       shard_index=shard_index, shard_count=shard_count, num_workers=workers, batch_size=batch_size)
+                       dataset_root=str(root.resolve()), splits=list(splits),
+                       runner=getattr(runner, "func", runner).__module__, shard_index=shard_index,
+                       shard_count=shard_count, num_workers=workers, batch_size=batch_size, compile=compile)
     name = "summary.json" if shard_count == 1 else f"summary-{prefix}.json"
     store.write_json(output_dir / name, summary)
     return summary

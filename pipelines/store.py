@@ -135,20 +135,20 @@ def prepare_output(output_dir: Path, metadata: dict[str, Any], *, overwrite: boo
     manifest = output_dir / MANIFEST
     if manifest.exists():
         existing = json.loads(manifest.read_text())
-        check_same(existing, metadata, what=str(output_dir))
+        check_same(existing, metadata, what=str(output_dir),
+                   hint="use another output_dir, or overwrite=true to start over")
         return
     tmp = output_dir / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.write_text(json.dumps(metadata, indent=2))
     os.replace(tmp, manifest)
 
 
-def check_same(existing: dict[str, Any], new: dict[str, Any], *, what: str) -> None:
-    """Raise StoreMismatchError naming every identity setting that differs."""
+def check_same(existing: dict[str, Any], new: dict[str, Any], *, what: str, hint: str = "") -> None:
+    """Raise StoreMismatchError naming every identity setting that differs (and `hint`, what to do)."""
     diffs = [f"{k}: {existing.get(k)!r} there, {new.get(k)!r} now" for k in IDENTITY_KEYS if existing.get(k) != new.get(k)]
     if diffs:
         raise StoreMismatchError(
-            f"{what} holds embeddings made with other settings ({'; '.join(diffs)}); "
-            "use another output_dir, or overwrite=true to start over"
+            f"{what} holds embeddings made with other settings ({'; '.join(diffs)})" + (f"; {hint}" if hint else "")
         )
 
 

@@ -71,8 +71,9 @@ def image_root(tmp_path, photo_bytes) -> Path:
 def compose_cfg():
     """Compose a config from conf/ with overrides, as the entry points see it."""
 
-    def _compose(config_name: str, overrides: list[str] | None = None):
+    def _compose(config_name: str, overrides: list[str] | None = None, return_hydra_config: bool = False):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides or [])
+            return compose(config_name=config_name, overrides=overrides or [],
+                           return_hydra_config=return_hydra_config)
 
     return _compose
