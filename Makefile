@@ -1,4 +1,4 @@
-# make demo: set up .venv and embed data/sample with the tiny model (offline).  make test: the test suite.
+# make demo: set up .venv, embed data/sample with the tiny model (offline) and validate it with 10-shot k-NN.  make test: the test suite.
 PY ?= python3
 VENV := .venv
 EXTRAS ?= test,serve,ray
@@ -15,6 +15,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/python -m pipelines.embed model=tiny
+	$(VENV)/bin/python -m pipelines.validate model=tiny
 
 test: install
 	$(VENV)/bin/python -m pytest
