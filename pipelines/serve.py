@@ -46,6 +46,8 @@ def run_serve(
     echo_log: bool = True,
 ) -> None:
     """Start the server, wait until every model is ready, log the URLs, serve until SIGINT / SIGTERM, stop."""
+    if Path(model).expanduser().is_dir():  # the model instances run in other processes: no relative paths
+        model = str(Path(model).expanduser().resolve())
     options = triton.ModelOptions(
         name_or_path=model, revision=revision, dtype=dtype, device=device, num_threads=str(num_threads),
         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, decode_instances=decode_instances,
