@@ -98,13 +98,13 @@ def make_payload(model: str, *, pixel_values: str | Path | None = None, image: s
     """One request's tensor: float32 [1, 3, H, W] for siglip, BYTES [1, 1] (one image file) for embed_image."""
     if model == names.SIGLIP:
         if pixel_values is None:
-            raise UserError("model=siglip needs pixel_values=FILE (perf_analyzer input data)")
+            raise UserError("triton_model=siglip needs pixel_values=FILE (perf_analyzer input data)")
         return load_pixel_values(pixel_values)
     if model == names.EMBED_IMAGE:
         if image is None or not Path(image).is_file():
-            raise UserError(f"model=embed_image needs image=FILE, an image file to send (got {image!r})")
+            raise UserError(f"triton_model=embed_image needs image=FILE, an image file to send (got {image!r})")
         return np.array([[Path(image).read_bytes()]], dtype=object)
-    raise UserError(f"model={model!r}: expected {names.SIGLIP} or {names.EMBED_IMAGE}")
+    raise UserError(f"triton_model={model!r}: expected {names.SIGLIP} or {names.EMBED_IMAGE}")
 
 
 def make_sender(protocol: str, *, model: str, payload: np.ndarray, host: str, http_port: int,
@@ -262,7 +262,7 @@ def run_loadgen(*, model: str, protocols: list[str], concurrency: list[int], dur
 @clean_errors()
 def main(cfg: DictConfig) -> None:
     rows = run_loadgen(
-        model=cfg.model, protocols=list(cfg.protocols), concurrency=list(cfg.concurrency),
+        model=cfg.triton_model, protocols=list(cfg.protocols), concurrency=list(cfg.concurrency),
         duration_s=cfg.duration_s, warmup_s=cfg.warmup_s, pixel_values=cfg.pixel_values, image=cfg.image,
         host=cfg.host, http_port=cfg.http_port, grpc_port=cfg.grpc_port, output=cfg.output,
     )

@@ -410,3 +410,29 @@ def test_perf_analyzer_runs_the_seed_command(server):
     figures = serve_bench.parse_perf_analyzer(result.stdout)  # what python -m pipelines.serve_bench tabulates
     assert figures["infer_per_s"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"]
     assert figures["server_inferences"] >= figures["server_executions"] > 0
+
+
+@pytest.mark.server
+def test_loadgen_cli_prints_the_table(server, photo_bytes, tmp_path):
+    image = tmp_path / "photo.jpg"
+    image.write_bytes(photo_bytes["rgb.jpg"])
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.loadgen", f"http_port={server.http_port}", f"grpc_port={server.grpc_port}",
+         "triton_model=embed_image", f"image={image}", "protocols=[http,grpc]", "concurrency=[2]", "duration_s=1",
+         "warmup_s=0.3", f"output={tmp_path / 'figures.jsonl'}"],
+        check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\| loadgen \| http \| 2 \| [1-9]", result.stdout), result.stdout
+    assert re.search(r"\| loadgen \| grpc \| 2 \| [1-9]", result.stdout), result.stdout
+    assert len((tmp_path / "figures.jsonl").read_text().splitlines()) == 2
+
+
+def test_loadgen_cli_refuses_what_it_cannot_send():
+    run = [sys.executable, "-m", "pipelines.loadgen", "duration_s=1"]
+    no_image = subprocess.run([*run, "triton_model=embed_image"], check=False, cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=120)
+    assert no_image.returncode == 2 and "triton_model=embed_image needs image=FILE" in no_image.stderr
+    bad_protocol = subprocess.run([*run, "protocols=[udp]"], check=False, cwd=REPO_ROOT, capture_output=True,
+                                  text=True, timeout=120)
+    assert bad_protocol.returncode == 2 and "protocol='udp'" in bad_protocol.stderr
