@@ -309,6 +309,7 @@ def load_preprocess(name_or_path: str, *, revision: str | None = None) -> Prepro
     """The checkpoint's preprocessing alone (no weights): a preset, a local directory or a hub id."""
     if name_or_path in (TINY, SO400M_RANDOM):
         return Preprocess.from_config(SO400M_PREPROCESSOR)
+    _check_local_path(name_or_path)
     return Preprocess.from_config(_read_preprocessor_config(name_or_path, revision))
 
 

@@ -111,6 +111,8 @@ def test_missing_directory_is_one_clear_line(tmp_path):
         load_encoder(str(tmp_path / "nope"), device="cpu")
     message = str(info.value)
     assert "\n" not in message and "nope" in message and "no such directory" in message
+    with pytest.raises(WeightsUnavailableError, match="no such directory"):
+        load_preprocess(str(tmp_path / "nope"))
 
 
 def test_directory_without_weights_or_preprocessor_config(tmp_path, tiny_checkpoint):
