@@ -37,7 +37,7 @@ from PIL import Image
 from pipelines import store
 from pipelines.config import CONF_DIR, UserError, clean_errors
 from pipelines.data import EncodedImageDataset, ImageRecord, collate_encoded, decode, list_split
-from pipelines.runner import PartWriter, default_workers, embed_split, make_loader, model_threads
+from pipelines.runner import PartWriter, default_workers, embed_split, make_loader
 from pipelines.siglip import (
     Encoder,
     Preprocess,
@@ -359,9 +359,9 @@ def peak_flops(device: torch.device, override: float | str | None) -> float | No
 
 def bench_embed(encoder: Encoder, *, root: Path, records: list[ImageRecord], out_dir: Path, settings: EmbedSettings,
                 sweep: SweepSettings, results: dict[str, Any], peak: float | None) -> list[dict[str, Any]]:
-    """For each `device_decode` setting: the data path alone, the model alone (with the threads the job gives
-    it) and the whole job, alternated `rounds` times, the best of each counting; the job's share of the data
-    path, and of min((a) x workers, model alone)."""
+    """For each `device_decode` setting: the data path alone, the model alone and the whole job, alternated
+    `rounds` times, the best of each counting; the job's share of the data path, and of min((a) x workers,
+    model alone)."""
     workers = default_workers() if settings.num_workers == "auto" else int(settings.num_workers)
     common = {"root": root, "records": records, "batch_size": settings.batch_size, "num_workers": workers}
     rows = []
@@ -370,16 +370,14 @@ def bench_embed(encoder: Encoder, *, root: Path, records: list[ImageRecord], out
         for _ in range(settings.rounds):
             data_rate = max(data_rate, data_path_rate(**common, preprocess=encoder.preprocess, device=encoder.device,
                                                       device_decode=device_decode))
-            with model_threads(encoder.device, workers):
-                alone = bench_model(encoder, batch_size=settings.batch_size, warmup=1, iters=sweep.iters, repeats=1)
-                threads = torch.get_num_threads() if encoder.device.type == "cpu" else None
+            alone = bench_model(encoder, batch_size=settings.batch_size, warmup=1, iters=sweep.iters, repeats=1)
             model_rate = max(model_rate, alone["images_per_s"])
             stats = run_job(encoder, **common, out_dir=out_dir, device_decode=device_decode,
                             rows_per_part=settings.rows_per_part)
             job_rate = max(job_rate, stats["images_per_s"])
         row = {"device_decode": device_decode, "num_workers": workers, "batch_size": settings.batch_size,
                "dtype": str(encoder.dtype).removeprefix("torch."), "compile": encoder.compiled_batch is not None,
-               "images": len(records), "model_threads": threads, "data_path_images_per_s": data_rate,
+               "images": len(records), "data_path_images_per_s": data_rate,
                "images_per_s": job_rate,
                "vs_data_path": job_rate / data_rate, **_bound(results, model_rate, workers, job_rate),
                "mfu": _mfu(job_rate, results.get("flops_per_image"), peak, encoder.dtype), "last_run": stats}
@@ -623,13 +621,14 @@ def _embed_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = [f"(c) embed job, {rows[0]['images']} JPEGs, {rows[0]['dtype']}, batch {rows[0]['batch_size']}, "
              f"{'compiled' if rows[0]['compile'] else 'eager'}; bound = min((a) x workers, model alone):",
              f"  {'decode':<8}{'workers':>8}{'data img/s':>12}{'model img/s':>12}{'job img/s':>11}"
-             f"{'job/data':>10}{'job/bound':>11}{'MFU':>7}"]
+             f"{'job/data':>10}{'job/bound':>11}{'MFU':>7}{'start s':>9}"]
     for r in rows:
         vs_bound = f"{r['vs_bound']:.1%}" if r["vs_bound"] else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(f"  {'device' if r['device_decode'] else 'workers':<8}{r['num_workers']:>8}"
                      f"{r['data_path_images_per_s']:>12.1f}{r['model_alone_images_per_s']:>12.1f}"
-                     f"{r['images_per_s']:>11.1f}{r['vs_data_path']:>10.1%}{vs_bound:>11}{mfu:>7}")
+                     f"{r['images_per_s']:>11.1f}{r['vs_data_path']:>10.1%}{vs_bound:>11}{mfu:>7}"
+                     f"{r['last_run']['first_batch_s']:>9.2f}")
     return lines
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +55,7 @@ class SplitStats:
 
 def default_workers() -> int:
     """One decode worker per core, keeping one core for the main process."""
-    return max(1, min(_cores() - 1, 32))
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
+    return max(1, min(len(os.sched_getaffinity(0)) - 1, 32))
 
 
 def make_loader(
@@ -175,29 +169,13 @@ def embed_split(
     bar = tqdm(total=len(todo), desc=f"embed {split}", unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        with model_threads(encoder.device, num_workers):
-            _loop(loader, encoder, todo, writer, split_dir, stats, bar)
+        _loop(loader, encoder, todo, writer, split_dir, stats, bar)
     finally:
         bar.close()
         writer.close()
     stats.write_s = writer.write_s
     stats.wall_s = time.perf_counter() - start
     return stats
-
-
-@contextlib.contextmanager
-def model_threads(device: torch.device, num_workers: int) -> Iterator[None]:
-    """On CPU the model shares the cores with the decode workers: it gets the cores they leave, at least one.
-
-    Two processes each running as many threads as there are cores slow both down many times over.
-    """
-    before = torch.get_num_threads()
-    if device.type == "cpu" and num_workers:
-        torch.set_num_threads(max(1, min(before, _cores() - num_workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _loop(loader, encoder: Encoder, todo: list[ImageRecord], writer: PartWriter, split_dir: Path,

@@ -1,5 +1,5 @@
 """The embed job's fast path on CPU: low-precision parity, compile without recompiling, the fused normalisation,
-batched decoding on the device, the model's thread count, the so400m-random preset and its counted FLOPs."""
+batched decoding on the device, the so400m-random preset and its counted FLOPs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipelines import store
 from pipelines.bench import count_flops
 from pipelines.data import EncodedImageDataset, ImageFolderDataset, collate, collate_encoded, decode, list_split
-from pipelines.runner import embed_split, make_loader, model_threads
+from pipelines.runner import embed_split, make_loader
 from pipelines.siglip import (
     SO400M_PREPROCESSOR,
     SO400M_VISION,
@@ -135,18 +135,6 @@ def test_loader_pins_for_cuda_only_when_workers_decode(image_root):
     assert not loader("cuda", True).pin_memory
     batch = next(iter(loader("cpu", False)))
     assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape[1:] == (3, 384, 384)
-
-
-def test_model_threads_leave_the_workers_their_cores():
-    before = torch.get_num_threads()
-    cores = len(__import__("os").sched_getaffinity(0))
-    with model_threads(torch.device("cpu"), num_workers=1):
-        assert torch.get_num_threads() == max(1, min(before, cores - 1))
-    with model_threads(torch.device("cpu"), num_workers=cores + 4):
-        assert torch.get_num_threads() == 1
-    with model_threads(torch.device("cpu"), num_workers=0):
-        assert torch.get_num_threads() == before
-    assert torch.get_num_threads() == before
 
 
 def analytic_flops(vision: dict, *, with_attention: bool = True) -> float:
