@@ -123,6 +123,17 @@ def test_job_with_device_decode_writes_the_same_embeddings(tmp_path, image_root)
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
 
 
+def test_collated_batches_keep_the_decoders_channels_last_layout(image_root):
+    preprocess = Preprocess.from_config(SO400M_PREPROCESSOR)
+    records = list_split(image_root, "train")
+    items = [ImageFolderDataset(image_root, records, preprocess)[i] for i in range(len(records))]
+    batch = collate(items)
+    expected = torch.stack([item["pixels"].contiguous() for item in items if item["error"] is None])
+    assert batch.pixels.is_contiguous(memory_format=torch.channels_last) and torch.equal(batch.pixels, expected)
+    torch.testing.assert_close(preprocess.normalize(batch.pixels), preprocess.normalize(expected), rtol=0, atol=0)
+    assert preprocess.normalize(batch.pixels).is_contiguous()
+
+
 def test_loader_pins_for_cuda_only_when_workers_decode(image_root):
     preprocess = Preprocess.from_config(SO400M_PREPROCESSOR)
     records = list_split(image_root, "valid")
