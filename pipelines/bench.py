@@ -129,31 +129,26 @@ def run_bench(
     torch_device = resolve_device(device)
     work_dir, output = Path(work_dir), Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": machine(torch_device), "command": command, "model": model,
-                               "device": str(torch_device),
-                               "settings": _settings(parts, preprocess, sweep, embed, writer)}
     peak = peak_flops(torch_device, peak_tflops)
-    results["peak_tflops"] = peak / 1e12 if peak else None
+    results: dict[str, Any] = {"machine": machine(torch_device), "command": command, "model": model,
+                               "device": str(torch_device), "peak_tflops": peak / 1e12 if peak else None,
+                               "settings": _settings(parts, preprocess, sweep, embed, writer)}
 
     def save(key: str, value: Any) -> None:
         results[key] = value
         store.write_json(output, results)
 
-    root = records = None
+    root = records = encoder = None
     if "preprocess" in parts or "embed" in parts:
         root, records = _jpegs(work_dir, preprocess, embed, parts)
     if "preprocess" in parts:
         pipeline = load_preprocess(model, revision=revision)
         save("preprocess", bench_preprocess(root, records[: preprocess.images], pipeline, device=torch_device,
                                             rounds=preprocess.rounds))
-    encoder = None
     if "model" in parts or "embed" in parts:
         keep = (embed.dtype, embed.batch_size, embed.compile) if "embed" in parts else None
-        sweep_results, encoder = run_sweep(model=model, revision=revision, device=torch_device, sweep=sweep,
-                                           keep=keep, measure="model" in parts, peak=peak)
-        save("flops_per_image", sweep_results["flops_per_image"])
-        if "model" in parts:
-            save("model_alone", sweep_results["runs"])
+        encoder = _model_part(model=model, revision=revision, device=torch_device, sweep=sweep, keep=keep,
+                              measure="model" in parts, peak=peak, save=save)
     if "embed" in parts:
         save("embed", bench_embed(encoder, root=root, records=records, out_dir=work_dir / "embed-out", settings=embed,
                                   sweep=sweep, results=results, peak=peak))
@@ -163,6 +158,23 @@ def run_bench(
                                     metadata=encoder.metadata(), settings=writer))
     store.write_json(output, results)
     return results
+
+
+def _model_part(*, model: str, revision: str | None, device: torch.device, sweep: SweepSettings,
+                keep: tuple[str, int, bool] | None, measure: bool, peak: float | None,
+                save: Callable[[str, Any], None]) -> Encoder | None:
+    """(b), each row saved as soon as it is timed (a compilation cut short loses only itself)."""
+    rows: list[dict[str, Any]] = []
+
+    def measured(flops: int, row: dict[str, Any]) -> None:
+        rows.append(row)
+        save("flops_per_image", flops)
+        save("model_alone", rows)
+
+    figures, encoder = run_sweep(model=model, revision=revision, device=device, sweep=sweep, keep=keep,
+                                 measure=measure, peak=peak, on_run=measured)
+    save("flops_per_image", figures["flops_per_image"])
+    return encoder
 
 
 def _check(parts: Sequence[str], pre: PreprocessSettings, sweep: SweepSettings, embed: EmbedSettings,
@@ -266,12 +278,12 @@ def count_flops(model: torch.nn.Module, *, height: int, width: int) -> int:
 
 
 def run_sweep(*, model: str, revision: str | None, device: torch.device, sweep: SweepSettings,
-              keep: tuple[str, int, bool] | None, measure: bool,
-              peak: float | None) -> tuple[dict[str, Any], Encoder | None]:
+              keep: tuple[str, int, bool] | None, measure: bool, peak: float | None,
+              on_run: Callable[[int, dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], Encoder | None]:
     """Time every setting of `sweep` (when `measure`); returns the figures and a warm encoder for `keep`.
 
     `keep` (dtype, batch size, compile) is the embed job's setting: timed last (when `measure`), its encoder is
-    handed on warm; None: no encoder is kept.
+    handed on warm; None: no encoder is kept. `on_run(flops_per_image, row)` hears of each row as it is timed.
     """
     def canonical(dtype: str, batch_size: int, compiled: bool) -> tuple[str, int, bool]:
         return str(resolve_dtype(dtype, device)).removeprefix("torch."), batch_size, compiled
@@ -294,6 +306,8 @@ def run_sweep(*, model: str, revision: str | None, device: torch.device, sweep: 
         if measure:
             runs.append(_model_row(encoder, batch_size, compiled, figures, flops, peak))
             log.info("model alone: %s", runs[-1])
+            if on_run is not None:
+                on_run(flops, runs[-1])
         if (dtype, batch_size, compiled) != keep:
             encoder = None
             _free(device)

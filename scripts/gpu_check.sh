@@ -3,9 +3,11 @@
 # needed) on one H100/H200, no network, under 8 minutes:
 #   step 1  the model alone, bfloat16 and float16, batch 64 / 128 / 256, eager; the Parquet writer alone;
 #   step 2  decode + preprocess on one core (ours vs SiglipImageProcessor; nvjpeg vs CPU pixels), the model alone
-#           compiled (torch.compile) at batch 256 in both dtypes, then the embed job (bfloat16, compiled, batch 256,
+#           compiled (torch.compile) at batch 256 in bfloat16, then the embed job (bfloat16, compiled, batch 256,
 #           16 workers) on 10,000 generated 500x375 JPEGs (quality 90), decoding in the workers and, second, on
-#           the GPU with nvjpeg; each next to its data path alone.
+#           the GPU with nvjpeg; each next to its data path alone;
+#   step 3  the model alone compiled at batch 256 in float16.
+# Each step runs under a `timeout` (120 + 240 + 90 s): one cut short keeps the figures it had written.
 # Each step prints its report (images/s, TFLOP/s, MFU against the card's dense bf16 peak, FLOPs counted from the
 # model) and writes JSON; the figures and logs go to $OUT (else outputs/gpu-check). docs/perf.md explains them.
 #
@@ -41,34 +43,43 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ "$mode" = gpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
   common=(model=so400m_random device=cuda "work_dir=$work")
-  step1=(sweep.dtypes=[bfloat16,float16] sweep.batch_sizes=[64,128,256] sweep.compile=[false]
+  step1=("sweep.dtypes=[bfloat16,float16]" "sweep.batch_sizes=[64,128,256]" "sweep.compile=[false]"
          sweep.warmup=3 sweep.iters=10 sweep.repeats=3 writer.rows=100000 writer.batch_size=256)
   step2=(preprocess.images=100 preprocess.rounds=3
-         sweep.dtypes=[float16,bfloat16] sweep.batch_sizes=[256] sweep.compile=[true]
+         "sweep.dtypes=[bfloat16]" "sweep.batch_sizes=[256]" "sweep.compile=[true]"
          sweep.warmup=3 sweep.iters=10 sweep.repeats=3
          embed.dtype=bfloat16 embed.batch_size=256 embed.compile=true embed.images=10000 embed.num_workers=16
          "embed.device_decode=[false,true]" embed.rounds=1)
-  limits=(150 330)
+  step3=("sweep.dtypes=[float16]" "sweep.batch_sizes=[256]" "sweep.compile=[true]"
+         sweep.warmup=3 sweep.iters=10 sweep.repeats=3)
+  limits=(120 240 90)
 else
   common=(model=tiny device=cpu "work_dir=$work")
-  step1=(sweep.dtypes=[float32,bfloat16] sweep.batch_sizes=[8,16] sweep.compile=[false]
+  step1=("sweep.dtypes=[float32,bfloat16]" "sweep.batch_sizes=[8,16]" "sweep.compile=[false]"
          sweep.warmup=1 sweep.iters=2 sweep.repeats=1 writer.rows=2000)
   step2=(preprocess.images=16 preprocess.rounds=1
-         sweep.dtypes=[float32] sweep.batch_sizes=[16] sweep.compile=[true] sweep.warmup=2 sweep.iters=2 sweep.repeats=1
+         "sweep.dtypes=[float32]" "sweep.batch_sizes=[16]" "sweep.compile=[true]"
+         sweep.warmup=2 sweep.iters=2 sweep.repeats=1
          embed.dtype=float32 embed.batch_size=16 embed.compile=true embed.images=96 embed.num_workers=1
          "embed.device_decode=[false,true]" embed.rounds=1)
-  limits=(120 300)
+  step3=("sweep.dtypes=[bfloat16]" "sweep.batch_sizes=[16]" "sweep.compile=[true]"
+         sweep.warmup=2 sweep.iters=2 sweep.repeats=1)
+  limits=(120 240 150)
 fi
 
-"$py" -c "import torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
-'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+"$py" -c "import hydra, torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision',
+torchvision.__version__, 'transformers', transformers.__version__, 'hydra', hydra.__version__, 'from', hydra.__file__,
+'cuda', torch.cuda.is_available())"
 
 status=0
 echo "== step 1: the model alone, eager; the Parquet writer"
-timeout "${limits[0]}" "$py" -m pipelines.bench "${common[@]}" parts=[model,writer] "${step1[@]}" \
+timeout "${limits[0]}" "$py" -m pipelines.bench "${common[@]}" "parts=[model,writer]" "${step1[@]}" \
   "output=$out/step1-eager.json" 2>&1 | tee "$out/step1-eager.log" || status=1
 echo "== step 2: preprocessing, the model alone compiled, the embed job"
-timeout "${limits[1]}" "$py" -m pipelines.bench "${common[@]}" parts=[preprocess,model,embed] "${step2[@]}" \
+timeout "${limits[1]}" "$py" -m pipelines.bench "${common[@]}" "parts=[preprocess,model,embed]" "${step2[@]}" \
   "output=$out/step2-compiled.json" 2>&1 | tee "$out/step2-compiled.log" || status=1
-echo "== figures in $out: step1-eager.json, step2-compiled.json (and their logs); exit status $status"
+echo "== step 3: the model alone compiled, the second dtype"
+timeout "${limits[2]}" "$py" -m pipelines.bench "${common[@]}" "parts=[model]" "${step3[@]}" \
+  "output=$out/step3-compiled.json" 2>&1 | tee "$out/step3-compiled.log" || status=1
+echo "== figures in $out: step1-eager.json, step2-compiled.json, step3-compiled.json (and logs); exit status $status"
 exit $status
