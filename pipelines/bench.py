@@ -593,8 +593,8 @@ def _free(device: torch.device) -> None:
 def format_report(results: dict[str, Any]) -> str:
     """The figures as a few tables for the terminal."""
     m = results["machine"]
-    lines = [f"{results['model']} on {m.get('gpu', m['cpu'])} ({m['cores']} cores), {m['date']}, "
-             f"load {m['load_average'][0]}"]
+    lines = [(f"{results['model']} on {m.get('gpu', m['cpu'])} ({m['cores']} cores), {m['date']}, "
+              f"load {m['load_average'][0]}")]
     if "preprocess" in results:
         lines += _preprocess_lines(results["preprocess"])
     if results.get("flops_per_image"):
@@ -613,17 +613,17 @@ def format_report(results: dict[str, Any]) -> str:
 
 def _preprocess_lines(p: dict[str, Any]) -> list[str]:
     r = p["images_per_s"]
-    return [
+    return [(
         f"(a) decode + preprocess, 1 core, {p['images']} JPEGs, images/s: ours {r['ours']:.0f} "
         f"(worker part {r['ours_worker']:.0f}), SiglipImageProcessor {r['processor_pil']:.0f} (PIL in) / "
         f"{r['processor_tensor']:.0f} (tensor in) -> {p['speedup_vs_processor']:.2f}x the faster; "
         f"max abs diff {p['max_abs_diff']:.1e} (device decode: {p['device_decode_max_abs_diff']:.1e})"
-    ]
+    )]
 
 
 def _model_lines(runs: list[dict[str, Any]]) -> list[str]:
-    lines = ["(b) model alone:", f"  {'dtype':<10}{'batch':>6}{'compile':>9}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
-             f"{'warmup s':>10}"]
+    lines = ["(b) model alone:",
+             f"  {'dtype':<10}{'batch':>6}{'compile':>9}{'img/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'warmup s':>10}"]
     for r in runs:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(f"  {r['dtype']:<10}{r['batch_size']:>6}{'yes' if r['compile'] else 'no':>9}"
@@ -632,10 +632,11 @@ def _model_lines(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _embed_lines(rows: list[dict[str, Any]]) -> list[str]:
-    lines = [f"(c) embed job, {rows[0]['images']} JPEGs, {rows[0]['dtype']}, batch {rows[0]['batch_size']}, "
-             f"{'compiled' if rows[0]['compile'] else 'eager'}; bound = min((a) x workers, model alone):",
-             f"  {'decode':<8}{'workers':>8}{'data img/s':>12}{'model img/s':>12}{'job img/s':>11}"
-             f"{'job/data':>10}{'job/bound':>11}{'MFU':>7}{'start s':>9}"]
+    first = rows[0]
+    lines = [(f"(c) embed job, {first['images']} JPEGs, {first['dtype']}, batch {first['batch_size']}, "
+              f"{'compiled' if first['compile'] else 'eager'}; bound = min((a) x workers, model alone):"),
+             (f"  {'decode':<8}{'workers':>8}{'data img/s':>12}{'model img/s':>12}{'job img/s':>11}"
+              f"{'job/data':>10}{'job/bound':>11}{'MFU':>7}{'start s':>9}")]
     for r in rows:
         vs_bound = f"{r['vs_bound']:.1%}" if r["vs_bound"] else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"

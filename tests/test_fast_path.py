@@ -112,8 +112,8 @@ def test_device_decode_equals_the_workers_path(image_root):
 def test_job_with_device_decode_writes_the_same_embeddings(tmp_path, image_root):
     encoder = load_encoder("tiny", device="cpu", dtype="float32")
     records = list_split(image_root, "train")
-    settings = dict(encoder=encoder, root=image_root, split="train", records=records, batch_size=3, num_workers=1,
-                    rows_per_part=100, prefix="t", progress=False)
+    settings = {"encoder": encoder, "root": image_root, "split": "train", "records": records, "batch_size": 3,
+                "num_workers": 1, "rows_per_part": 100, "prefix": "t", "progress": False}
     worker_stats = embed_split(**settings, output_dir=tmp_path / "workers")
     device_stats = embed_split(**settings, output_dir=tmp_path / "device", device_decode=True)
     assert worker_stats.embedded == device_stats.embedded == len(records)
