@@ -81,7 +81,9 @@ def make_loader(
         collate_fn=collate_encoded if device_decode else collate,
         pin_memory=device.type == "cuda" and not device_decode,
         worker_init_fn=worker_init if num_workers else None,
-        prefetch_factor=4 if num_workers else None,
+        # Each worker keeps two batches ready: enough to hide decode jitter, and with 16 workers x 256 images
+        # x 442 KB that is already 3.6 GB of /dev/shm.
+        prefetch_factor=2 if num_workers else None,
     )
 
 
