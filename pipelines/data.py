@@ -106,12 +106,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        record = self.records[i]
         try:
-            data = (self.root / record.path).read_bytes()
-            return {"index": i, "pixels": self.preprocess.resize(decode(data)), "error": None}
+            pixels = self.load((self.root / self.records[i].path).read_bytes())
+            return {"index": i, "pixels": pixels, "error": None}
         except (OSError, DecodeError) as exc:
             return {"index": i, "pixels": None, "error": f"{type(exc).__name__}: {exc}"}
+
+    def load(self, data: bytes) -> torch.Tensor:
+        """A file's bytes -> uint8 [3, H, W], decoded and resized."""
+        return self.preprocess.resize(decode(data))
 
 
 @dataclass
@@ -150,15 +153,11 @@ def worker_init(_: int) -> None:
 class EncodedImageDataset(ImageFolderDataset):
     """Reads one record per item; JPEGs stay encoded (uint8 [n] bytes), other formats are decoded and resized."""
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        record = self.records[i]
-        try:
-            data = (self.root / record.path).read_bytes()
-            if data.startswith(JPEG_MAGIC):
-                return {"index": i, "pixels": torch.frombuffer(bytearray(data), dtype=torch.uint8), "error": None}
-            return {"index": i, "pixels": self.preprocess.resize(decode(data)), "error": None}
-        except (OSError, DecodeError) as exc:
-            return {"index": i, "pixels": None, "error": f"{type(exc).__name__}: {exc}"}
+    def load(self, data: bytes) -> torch.Tensor:
+        """JPEG bytes -> themselves as uint8 [n]; any other format -> uint8 [3, H, W], decoded and resized."""
+        if data.startswith(JPEG_MAGIC):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return super().load(data)
 
 
 @dataclass

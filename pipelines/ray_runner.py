@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipelines import store
 from pipelines.data import ImageFolderDataset, ImageRecord, worker_init
-from pipelines.runner import PartWriter, SplitStats
+from pipelines.runner import PartWriter, SplitStats, record_errors, start_split, write_split
 from pipelines.siglip import Encoder, Preprocess, load_encoder
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ def embed_split(
     `num_workers` is unused: Ray runs decode tasks on every CPU of the cluster the actors leave free.
     `address`, `num_cpus`, `object_store_memory`, `log_to_driver` go to `connect`.
     """
-    split_dir = Path(output_dir) / split
-    store.remove_stale_tmp(split_dir, prefix)
-    done = store.done_paths(split_dir)
-    todo = [r for r in records if r.path not in done]
-    stats = SplitStats(split=split, listed=len(records), already_done=len(records) - len(todo))
+    split_dir, todo, stats = start_split(output_dir, split, records, prefix)
     if not todo:
         return stats
     connect(address=address, num_cpus=num_cpus, object_store_memory=object_store_memory, log_to_driver=log_to_driver)
@@ -79,17 +75,10 @@ def embed_split(
              split, len(todo), actors, gpus, num_cpus_per_actor)
     dataset = build_dataset(todo, root=root, encoder=encoder, batch_size=batch_size, num_actors=actors,
                             num_gpus_per_actor=gpus, num_cpus_per_actor=num_cpus_per_actor)
-    writer = PartWriter(split_dir, metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix)
-    bar = tqdm(total=len(todo), desc=f"embed {split}", unit="img", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    try:
-        _drain(dataset, writer, split_dir, stats, bar)
-    finally:
-        bar.close()
-        writer.close()
-    stats.write_s = writer.write_s
-    stats.wall_s = time.perf_counter() - start
-    return stats
+    return write_split(
+        split_dir, stats, len(todo), metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix,
+        progress=progress, fill=lambda writer, bar: _drain(dataset, writer, split_dir, stats, bar),
+    )
 
 
 def connect(
@@ -207,9 +196,7 @@ class EmbedActor:
             torch.set_num_threads(threads)  # the actor's CPU share; more threads fight the decode tasks
         self.encoder = load_encoder(model, device=device, dtype=dtype, revision=revision)
         # The driver writes its own metadata into every footer: each node must load exactly that model.
-        got = self.encoder.metadata()
-        diffs = [f"{k}: {expected.get(k)!r} on the driver, {got.get(k)!r} here" for k in store.IDENTITY_KEYS
-                 if got.get(k) != expected.get(k)]
+        diffs = store.differences(expected, self.encoder.metadata(), where=("on the driver", "here"))
         if diffs:
             raise store.StoreMismatchError(
                 f"the encoder loaded on {socket.gethostname()} differs from the driver's ({'; '.join(diffs)}); "
@@ -234,7 +221,8 @@ def _drain(dataset, writer: PartWriter, split_dir: Path, stats: SplitStats, bar:
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         stats.read_s += time.perf_counter() - tick
         failed = batch["error"] != ""
-        _record_failures(batch, failed, split_dir, stats)
+        failures = zip(batch["path"][failed], batch["label"][failed], batch["error"][failed])
+        record_errors(split_dir, ((str(p), str(label), str(e)) for p, label, e in failures), stats)
         ok = ~failed
         if ok.any():
             writer.add(batch["path"][ok].tolist(), batch["label"][ok].tolist(), batch["embedding"][ok])
@@ -243,11 +231,3 @@ def _drain(dataset, writer: PartWriter, split_dir: Path, stats: SplitStats, bar:
         bar.update(len(failed))
         tick = time.perf_counter()
 
-
-def _record_failures(batch: dict[str, np.ndarray], failed: np.ndarray, split_dir: Path, stats: SplitStats) -> None:
-    errors = []
-    for path, label, reason in zip(batch["path"][failed], batch["label"][failed], batch["error"][failed]):
-        log.warning("skipped %s: %s", path, reason)
-        errors.append({"path": str(path), "label": str(label), "error": str(reason)})
-    store.append_errors(split_dir, errors)
-    stats.errors += len(errors)

@@ -7,6 +7,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -158,26 +159,57 @@ def embed_split(
 
     `device_decode`: decode JPEGs on the encoder's device in batches (nvjpeg on CUDA) instead of in the workers.
     """
-    split_dir = Path(output_dir) / split
-    store.remove_stale_tmp(split_dir, prefix)
-    done = store.done_paths(split_dir)
-    todo = [r for r in records if r.path not in done]
-    stats = SplitStats(split=split, listed=len(records), already_done=len(records) - len(todo))
+    split_dir, todo, stats = start_split(output_dir, split, records, prefix)
     if not todo:
         return stats
     loader = make_loader(root=root, records=todo, preprocess=encoder.preprocess, batch_size=batch_size,
                          num_workers=num_workers, device=encoder.device, device_decode=device_decode)
-    writer = PartWriter(split_dir, metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix)
-    bar = tqdm(total=len(todo), desc=f"embed {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    return write_split(
+        split_dir, stats, len(todo), metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix,
+        progress=progress, fill=lambda writer, bar: _loop(loader, encoder, todo, writer, split_dir, stats, bar),
+    )
+
+
+def start_split(
+    output_dir: Path, split: str, records: list[ImageRecord], prefix: str
+) -> tuple[Path, list[ImageRecord], SplitStats]:
+    """What a runner has left to do in `output_dir/split`: (split folder, records not yet done, stats so far).
+
+    Clears this prefix's temporary files a killed run left; embedded and recorded-as-error paths are done.
+    """
+    split_dir = Path(output_dir) / split
+    store.remove_stale_tmp(split_dir, prefix)
+    done = store.done_paths(split_dir)
+    todo = [r for r in records if r.path not in done]
+    return split_dir, todo, SplitStats(split=split, listed=len(records), already_done=len(records) - len(todo))
+
+
+def write_split(
+    split_dir: Path, stats: SplitStats, total: int, *, metadata: dict[str, Any], rows_per_part: int, prefix: str,
+    progress: bool, fill: Callable[[PartWriter, tqdm], None],
+) -> SplitStats:
+    """Run `fill(writer, bar)`, which adds `total` images' rows, then flush the parts; times go into `stats`."""
+    writer = PartWriter(split_dir, metadata=metadata, rows_per_part=rows_per_part, prefix=prefix)
+    bar = tqdm(total=total, desc=f"embed {stats.split}", unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        _loop(loader, encoder, todo, writer, split_dir, stats, bar)
+        fill(writer, bar)
     finally:
         bar.close()
         writer.close()
     stats.write_s = writer.write_s
     stats.wall_s = time.perf_counter() - start
     return stats
+
+
+def record_errors(split_dir: Path, failures: Iterable[tuple[str, str, str]], stats: SplitStats) -> None:
+    """Log and append (path, label, reason) failures to the split's errors file; count them in `stats`."""
+    errors = []
+    for path, label, reason in failures:
+        log.warning("skipped %s: %s", path, reason)
+        errors.append({"path": path, "label": label, "error": reason})
+    store.append_errors(split_dir, errors)
+    stats.errors += len(errors)
 
 
 def _loop(loader, encoder: Encoder, todo: list[ImageRecord], writer: PartWriter, split_dir: Path,
@@ -240,10 +272,5 @@ def _finish(pending: tuple[Batch, torch.Tensor, Any], todo: list[ImageRecord], w
 
 
 def _record_failures(batch: Batch, todo: list[ImageRecord], split_dir: Path, stats: SplitStats) -> None:
-    errors = []
-    for index, reason in batch.failed:
-        record = todo[index]
-        log.warning("skipped %s: %s", record.path, reason)
-        errors.append({"path": record.path, "label": record.label, "error": reason})
-    store.append_errors(split_dir, errors)
-    stats.errors += len(errors)
+    failures = ((todo[index].path, todo[index].label, reason) for index, reason in batch.failed)
+    record_errors(split_dir, failures, stats)

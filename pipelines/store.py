@@ -52,7 +52,7 @@ def schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
 def to_table(paths: Sequence[str], labels: Sequence[str], embeddings: np.ndarray, metadata: dict[str, Any]) -> pa.Table:
     """float32 [N, D] embeddings plus their paths and labels -> a table with the store's schema."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, dim = embeddings.shape
+    dim = embeddings.shape[1]
     flat = pa.array(embeddings.reshape(-1), type=pa.float32())
     column = pa.FixedSizeListArray.from_arrays(flat, dim)
     return pa.Table.from_arrays(
@@ -143,9 +143,14 @@ def prepare_output(output_dir: Path, metadata: dict[str, Any], *, overwrite: boo
     os.replace(tmp, manifest)
 
 
+def differences(a: dict[str, Any], b: dict[str, Any], *, where: tuple[str, str] = ("there", "now")) -> list[str]:
+    """One 'key: a where[0], b where[1]' line per identity setting on which two metadata dicts differ."""
+    return [f"{k}: {a.get(k)!r} {where[0]}, {b.get(k)!r} {where[1]}" for k in IDENTITY_KEYS if a.get(k) != b.get(k)]
+
+
 def check_same(existing: dict[str, Any], new: dict[str, Any], *, what: str, hint: str = "") -> None:
     """Raise StoreMismatchError naming every identity setting that differs (and `hint`, what to do)."""
-    diffs = [f"{k}: {existing.get(k)!r} there, {new.get(k)!r} now" for k in IDENTITY_KEYS if existing.get(k) != new.get(k)]
+    diffs = differences(existing, new)
     if diffs:
         raise StoreMismatchError(
             f"{what} holds embeddings made with other settings ({'; '.join(diffs)})" + (f"; {hint}" if hint else "")

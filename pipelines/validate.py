@@ -32,8 +32,7 @@ REPORT, PER_CLASS, PREDICTIONS, FIGURE = "report.json", "per_class.csv", "predic
 def check_compatible(train: store.Split, query: store.Split, *, names: tuple[str, str]) -> None:
     """Refuse two splits made with other models or settings, or holding other classes (UserError)."""
     a, b = names
-    diffs = [f"{key}: {train.metadata.get(key)!r} in {a}, {query.metadata.get(key)!r} in {b}"
-             for key in store.IDENTITY_KEYS if train.metadata.get(key) != query.metadata.get(key)]
+    diffs = store.differences(train.metadata, query.metadata, where=(f"in {a}", f"in {b}"))
     if diffs:
         raise UserError(f"cannot compare {a} with {b}: they were embedded differently ({'; '.join(diffs)}); "
                         "embed both splits with the same model and settings")

@@ -42,7 +42,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 if [ "$mode" = gpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
-  # 16 workers x 4 batches in flight x 256 images x 442 KB: the DataLoader needs ~7 GB of /dev/shm
+  # 16 workers x 2 batches in flight x 256 images x 442 KB: the DataLoader needs ~3.6 GB of /dev/shm
   echo "cores: $(nproc), /dev/shm: $(df -h /dev/shm | tail -1 | awk '{print $2}')"
   common=(model=so400m_random device=cuda "work_dir=$work")
   step1=("sweep.dtypes=[bfloat16,float16]" "sweep.batch_sizes=[64,128,256]" "sweep.compile=[false]"
