@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,22 +28,93 @@ class UserError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
 
 
-def clean_errors(*expected: type[BaseException]) -> Callable:
-    """Turn `expected` exceptions (and UserError) raised by an entry point into 'error: ...' and exit 2."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the job; the entry point exits 128 + `signum` with `message`."""
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = "") -> None:
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _resolve(expected: tuple[type[BaseException] | str, ...]) -> tuple[type[BaseException], ...]:
+    """Types, and 'module:Name' strings of modules already imported (an error of a module never imported
+    cannot have been raised, so naming it costs the entry point no import)."""
+    types = []
+    for item in expected:
+        if isinstance(item, str):
+            module, _, name = item.partition(":")
+            if module in sys.modules:
+                types.append(getattr(sys.modules[module], name))
+        else:
+            types.append(item)
+    return tuple(types)
+
+
+def user_facing(exc: BaseException, expected: tuple[type[BaseException] | str, ...] = ()) -> BaseException | None:
+    """The UserError (or `expected` error) that `exc` is or was raised from (`raise ... from`), else None."""
+    types = (UserError, *_resolve(expected))
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, types):
+            return current
+        seen.add(id(current))
+        current = current.__cause__
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a user-facing error; an OS error names its file."""
+    if isinstance(exc, OSError) and exc.filename and not isinstance(exc, UserError):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _report(module: str, exc: BaseException, line: str) -> None:
+    # The traceback only on request: HYDRA_FULL_ERROR=1, or the module's debug log level (hydra.verbose=...).
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        traceback.print_exception(exc)
+    else:
+        logging.getLogger(module).debug("details", exc_info=exc)
+    print(line, file=sys.stderr)
+
+
+def clean_errors(*expected: type[BaseException] | str) -> Callable:
+    """Entry-point wrapper: UserError and `expected` errors -> one 'error: ...' line and exit 2; Ctrl-C and
+    SIGTERM -> one 'interrupted ...' line and exit 130 / 143. Anything else keeps its traceback (a bug).
+
+    `expected` holds types or 'module:Name' strings (resolved only when an error happens).
+    """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
+            main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
             try:
                 return fn(*args, **kwargs)
             except MissingMandatoryValue as exc:
                 print(f"error: {exc.full_key} is required: give it on the command line ({exc.full_key}=...)",
                       file=sys.stderr)
                 sys.exit(2)
-            except (UserError, *expected) as exc:
-                logging.getLogger(fn.__module__).debug("details", exc_info=True)
-                print(f"error: {exc}", file=sys.stderr)
+            except KeyboardInterrupt as exc:
+                signum = getattr(exc, "signum", signal.SIGINT)
+                message = getattr(exc, "message", "") or "stopped before anything was written"
+                _report(fn.__module__, exc, f"interrupted ({signal.Signals(signum).name}): {message}")
+                sys.exit(128 + signum)
+            except Exception as exc:
+                found = user_facing(exc, expected)
+                if found is None:
+                    raise
+                _report(fn.__module__, exc, f"error: {describe(found)}")
                 sys.exit(2)
+            finally:
+                if main_thread:
+                    signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
         return inner
 

@@ -1,25 +1,133 @@
-"""`python -m pipelines.embed`: every image of a dataset's splits -> a SigLIP embedding in Parquet."""
+"""`python -m pipelines.embed`: every image of a dataset's splits -> a SigLIP embedding in Parquet.
+
+torch, transformers and the runners are imported inside the functions that run the job, so that
+`--cfg job` and the settings checks answer in a moment.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from pipelines import store
-from pipelines.config import CONF_DIR, UserError, clean_errors
-from pipelines.data import list_split, take_shard
-from pipelines.runner import SplitStats, default_workers, embed_split
-from pipelines.siglip import WeightsUnavailableError, load_encoder
+from pipelines.config import CONF_DIR, Interrupted, UserError, clean_errors
+
+if TYPE_CHECKING:
+    from pipelines.data import ImageRecord
+    from pipelines.runner import SplitStats
 
 log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|mps)(:\d+)?$")
+
+
+def check_settings(
+    *, batch_size: Any, rows_per_part: Any, num_workers: Any, shard_index: Any, shard_count: Any, dtype: Any,
+    device: Any, **flags: Any,
+) -> None:
+    """Refuse a bad setting with a UserError naming the key and the value (before anything is loaded or listed).
+
+    `flags`: the boolean settings (compile, overwrite, progress, ...) by name; Hydra hands strings through.
+    """
+    for key, value in (("batch_size", batch_size), ("rows_per_part", rows_per_part)):
+        if not _is_int(value) or value < 1:
+            raise UserError(f"{key}={value!r}: expected a whole number of at least 1")
+    if num_workers != "auto" and (not _is_int(num_workers) or num_workers < 0):
+        raise UserError(f"num_workers={num_workers!r}: expected auto or a whole number of at least 0")
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise UserError(f"{key}={value!r}: expected true or false")
+    if not _is_int(shard_count) or shard_count < 1:
+        raise UserError(f"shard.count={shard_count!r}: expected a whole number of at least 1")
+    if not _is_int(shard_index) or not 0 <= shard_index < shard_count:
+        raise UserError(f"shard.index={shard_index!r}: expected 0 to {shard_count - 1} (shard.count={shard_count})")
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if not isinstance(device, str) or not _DEVICE.match(device) or device.startswith("auto:"):
+        raise UserError(f"device={device!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this host does not have (UserError): `cuda` without CUDA, `cuda:3` with one GPU."""
+    kind, _, index = device.partition(":")
+    if kind in ("auto", "cpu"):
+        return
+    import torch
+
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"device={device}: this host has no MPS device; use device=cpu or device=auto")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"device={device}: this host has no CUDA device (torch.cuda.is_available() is False); "
+                        "use device=cpu or device=auto")
+    if index and int(index) >= count:
+        raise UserError(f"device={device}: this host has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an output_dir that cannot be written: a file, a read-only folder, a parent that cannot be made."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir={output_dir}: is a file, not a folder; choose another output_dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(output_dir) else ""
+        raise UserError(f"output_dir={output_dir}: cannot write there: {reason}{where}") from exc
+
+
+@dataclass
+class Listed:
+    """One split's files of this shard, and what its listing found besides them (reported, not embedded)."""
+
+    records: list[ImageRecord]
+    stray_files: list[str] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+    skipped_dirs: list[str] = field(default_factory=list)
+
+    def notes(self) -> dict[str, list[str]]:
+        return {"stray_files": self.stray_files, "empty_classes": self.empty_classes,
+                "skipped_dirs": self.skipped_dirs}
+
+
+def list_files(root: Path, split: str, *, shard_index: int, shard_count: int) -> Listed:
+    """The split's files of this shard; stray files, empty class folders and skipped folders when the listing
+    reports them (`pipelines.data.scan_split`)."""
+    from pipelines import data
+
+    if hasattr(data, "scan_split"):
+        listing = data.scan_split(root, split)
+        listed = Listed(listing.records, list(listing.stray_files), list(listing.empty_classes),
+                        list(listing.skipped_dirs))
+    else:
+        listed = Listed(data.list_split(root, split))
+    listed.records = data.take_shard(listed.records, index=shard_index, count=shard_count)
+    for what, items in listed.notes().items():
+        if items:
+            log.warning("%s: %d %s not embedded: %s", split, len(items), what.replace("_", " "),
+                        ", ".join(items[:5]) + (", ..." if len(items) > 5 else ""))
+    return listed
 
 
 def run_embed(
@@ -38,42 +146,94 @@ def run_embed(
     shard_count: int = 1,
     overwrite: bool = False,
     progress: bool = True,
-    runner: Callable[..., SplitStats] = embed_split,
+    runner: Callable[..., SplitStats] | None = None,
     compile: bool = False,
 ) -> dict[str, Any]:
     """Embed `root/<split>/<class>/*` for each split into `output_dir/<split>/`; returns the summary.
 
-    `runner` embeds one split: the local `pipelines.runner.embed_split` (default) or another with the same
-    keyword arguments, e.g. `pipelines.ray_runner.embed_split` with its settings bound. `compile`:
+    `runner` embeds one split: the local `pipelines.runner.embed_split` (None, the default) or another with the
+    same keyword arguments, e.g. `pipelines.ray_runner.embed_split` with its settings bound. `compile`:
     torch.compile the model for `batch_size` (the last, smaller batch is padded, so nothing recompiles).
+    Settings, the device and the output folder are checked before the dataset is listed or the model loaded;
+    the job holds `output_dir`'s lock for its shard until it returns.
     """
+    check_settings(batch_size=batch_size, rows_per_part=rows_per_part, num_workers=num_workers,
+                   shard_index=shard_index, shard_count=shard_count, dtype=dtype, device=device,
+                   compile=compile, overwrite=overwrite, progress=progress)
     root, output_dir = Path(root), Path(output_dir)
     if overwrite and shard_count > 1:
         raise UserError("overwrite=true with shard.count > 1 would let shards delete each other's work; "
                         f"remove {output_dir} once, then start the shards")
-    listings = {split: take_shard(list_split(root, split), index=shard_index, count=shard_count) for split in splits}
+    check_device(device)
+    store.check_location(output_dir, root=root, splits=splits)
+    if overwrite:
+        store.check_overwrite(output_dir, protected=[root])
+    check_output_dir(output_dir)
+    with store.lock_output(output_dir, shard_index=shard_index, shard_count=shard_count):
+        return _run_locked(root=root, splits=splits, output_dir=output_dir, model=model, revision=revision,
+                           device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
+                           rows_per_part=rows_per_part, shard_index=shard_index, shard_count=shard_count,
+                           overwrite=overwrite, progress=progress, runner=runner, compile=compile)
+
+
+def _run_locked(*, root: Path, splits: list[str], output_dir: Path, model: str, revision: str | None, device: str,
+                dtype: str, batch_size: int, num_workers: int | str, rows_per_part: int, shard_index: int,
+                shard_count: int, overwrite: bool, progress: bool, runner: Callable[..., SplitStats] | None,
+                compile: bool) -> dict[str, Any]:
+    from pipelines.runner import default_workers, embed_split
+    from pipelines.siglip import load_encoder
+
+    runner = runner or embed_split
+    if overwrite:
+        store.clear_output(output_dir, protected=[root])  # checked again under the lock
+    listings = {split: list_files(root, split, shard_index=shard_index, shard_count=shard_count) for split in splits}
     workers = default_workers() if num_workers == "auto" else int(num_workers)
     encoder = load_encoder(model, device=device, dtype=dtype, revision=revision)
     if compile:
         encoder.compile(batch_size=batch_size)
     # The root is recorded for readers (validate, notebooks) that look for the images; it is not an identity key.
-    store.prepare_output(output_dir, {**encoder.metadata(), "dataset_root": str(root.resolve())}, overwrite=overwrite)
+    store.prepare_output(output_dir, {**encoder.metadata(), "dataset_root": str(root.resolve())}, overwrite=False)
     prefix = f"shard{shard_index}of{shard_count}"
+    before = {split: _part_names(output_dir / split, prefix) for split in splits}
     start = time.perf_counter()
     results: list[SplitStats] = []
-    for split, records in listings.items():
-        results.append(runner(
-            encoder=encoder, root=root, split=split, records=records, output_dir=output_dir,
-            batch_size=batch_size, num_workers=workers, rows_per_part=rows_per_part, prefix=prefix,
-            progress=progress,
-        ))
+    try:
+        for split, listed in listings.items():
+            results.append(runner(
+                encoder=encoder, root=root, split=split, records=listed.records, output_dir=output_dir,
+                batch_size=batch_size, num_workers=workers, rows_per_part=rows_per_part, prefix=prefix,
+                progress=progress,
+            ))
+    except KeyboardInterrupt as exc:
+        raise Interrupted(getattr(exc, "signum", 2), _saved_message(output_dir, before, prefix)) from None
     summary = _summary(results, time.perf_counter() - start, encoder.metadata(), output_dir,
                        dataset_root=str(root.resolve()), splits=list(splits),
                        runner=getattr(runner, "func", runner).__module__, shard_index=shard_index,
                        shard_count=shard_count, num_workers=workers, batch_size=batch_size, compile=compile)
-    name = "summary.json" if shard_count == 1 else f"summary-{prefix}.json"
-    store.write_json(output_dir / name, summary)
+    summary["listing"] = {split: listed.notes() for split, listed in listings.items()}
+    _save_summary(output_dir / ("summary.json" if shard_count == 1 else f"summary-{prefix}.json"), summary)
     return summary
+
+
+def _part_names(split_dir: Path, prefix: str) -> set[str]:
+    return {p.name for p in split_dir.glob(f"part-{prefix}-*.parquet")}
+
+
+def _saved_message(output_dir: Path, before: dict[str, set[str]], prefix: str) -> str:
+    """'N rows saved ...': the rows of the parts this run wrote, read from their footers."""
+    saved = sum(store.rows_in(output_dir / split, _part_names(output_dir / split, prefix) - names)
+                for split, names in before.items())
+    return (f"{saved} newly embedded rows saved in {output_dir}; rerun the same command to resume "
+            "(nothing is embedded twice)")
+
+
+def _save_summary(path: Path, summary: dict[str, Any]) -> None:
+    """Write the summary, except for a run that found nothing left to do: the last real run's summary stays."""
+    if summary["images"] == 0 and summary["errors"] == 0 and path.exists():
+        log.info("nothing left to do (%d images already done); %s keeps the last run's summary",
+                 summary["already_done"], path)
+        return
+    store.write_json(path, summary)
 
 
 def _summary(results: list[SplitStats], wall_s: float, metadata: dict[str, Any], output_dir: Path,
@@ -101,18 +261,27 @@ def format_summary(summary: dict[str, Any]) -> str:
     for s in summary["splits"]:
         lines.append(f"{s['split']:<10}{s['listed']:>8}{s['already_done']:>13}{s['embedded']:>10}"
                      f"{s['errors']:>8}{s['images_per_s']:>10.1f}")
-    lines.append(
-        f"{summary['images']} images embedded, {summary['errors']} errors, {summary['images_per_s']:.1f} img/s "
-        f"in {summary['wall_s']:.1f} s (waiting on reads {summary['read_s']:.1f} s, model {summary['model_s']:.1f} s, "
-        f"writing {summary['write_s']:.1f} s in background) -> {summary['output_dir']}"
-    )
+    if summary["images"] == 0 and summary["errors"] == 0:
+        lines.append(f"nothing left to do: all {summary['already_done']} images were done before -> "
+                     f"{summary['output_dir']}")
+    else:
+        lines.append(
+            f"{summary['images']} images embedded, {summary['errors']} errors, {summary['images_per_s']:.1f} img/s "
+            f"in {summary['wall_s']:.1f} s (waiting on reads {summary['read_s']:.1f} s, model "
+            f"{summary['model_s']:.1f} s, writing {summary['write_s']:.1f} s in background) -> {summary['output_dir']}"
+        )
     if summary["errors"]:
         lines.append(f"undecodable files are listed in {summary['output_dir']}/<split>/{store.ERRORS}")
+    for split, notes in summary.get("listing", {}).items():
+        for what, items in notes.items():
+            if items:
+                shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
+                lines.append(f"{split}: {len(items)} {what.replace('_', ' ')} not embedded ({shown})")
     return "\n".join(lines)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="embed", version_base="1.3")
-@clean_errors(WeightsUnavailableError, store.StoreMismatchError, FileNotFoundError, ValueError)
+@clean_errors("pipelines.siglip:WeightsUnavailableError", FileNotFoundError, PermissionError)
 def main(cfg: DictConfig) -> None:
     summary = run_embed(
         root=cfg.dataset.root,

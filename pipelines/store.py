@@ -5,17 +5,23 @@ Layout under an output directory:
     <output_dir>/<split>/part-*.parquet     path, label, embedding (fixed_size_list<float32>[D])
     <output_dir>/<split>/errors.jsonl       one {"path", "label", "error"} per undecodable file
     <output_dir>/summary*.json              what each run did
+    <output_dir>/.lock*                      the running jobs' locks (one writer per output and shard)
 Knows the schema and nothing of models.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import fnmatch
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,18 +30,45 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.config import UserError
+
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"pipelines"
 MANIFEST = "embeddings.json"
 ERRORS = "errors.jsonl"
 PART_GLOB = "part-*.parquet"
+VALIDATION = "validation"
+VALIDATION_FILES = ("report.json", "per_class.csv", "predictions.parquet", "per_class.png")
+LOCK_PREFIX = ".lock"
 # Settings that must agree for two runs to share one output directory.
 IDENTITY_KEYS = ("model", "revision", "embedding_dim", "dtype", "image_size", "preprocess")
 
+# Every name this project writes under an output directory, and nothing else: `overwrite=true` deletes an output
+# directory only when each entry in it matches. The one place to change when the layout changes.
+#   files: patterns of the top-level files; hidden names are locks and temporary files (write, fsync, rename)
+#   folders: a folder's name pattern -> the patterns of the files it may hold (no subfolders); first match wins
+OWN_FILES = (MANIFEST, "summary.json", "summary-*.json", ".*")
+OWN_FOLDERS = {
+    VALIDATION: (*VALIDATION_FILES, ".*"),  # pipelines.validate's default output
+    "*": (PART_GLOB, ERRORS, ".*"),         # a split folder
+}
 
-class StoreMismatchError(ValueError):
+
+class StoreMismatchError(UserError, ValueError):
     """The output directory holds embeddings made with other settings."""
+
+
+class CorruptPartError(UserError):
+    """A committed part cannot be read (truncated, overwritten, not Parquet)."""
+
+
+class OutputBusyError(UserError):
+    """Another job holds the lock of this output directory and shard."""
+
+
+class UnsafeOutputError(UserError):
+    """`output_dir` overlaps the dataset, or `overwrite` would delete something this project did not write."""
 
 
 def schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
@@ -60,21 +93,48 @@ def to_table(paths: Sequence[str], labels: Sequence[str], embeddings: np.ndarray
     )
 
 
+# OS errors a user causes (and can fix) while the store writes: reported as one line naming the folder.
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
+                 errno.EROFS: "read-only file system (EROFS)", errno.EACCES: "permission denied (EACCES)",
+                 errno.EPERM: "operation not permitted (EPERM)"}
+
+
+class StoreWriteError(UserError):
+    """The output folder cannot take more data: disk full, quota, read-only, permissions."""
+
+
+@contextlib.contextmanager
+def writing(folder: Path, *, cleanup: Path | None = None) -> Iterator[None]:
+    """Turn a user-fixable OS error while writing into `folder` into StoreWriteError; `cleanup` is removed then."""
+    try:
+        yield
+    except OSError as exc:
+        if cleanup is not None:
+            with contextlib.suppress(OSError):
+                cleanup.unlink(missing_ok=True)
+        reason = _WRITE_ERRNOS.get(exc.errno or 0)
+        if reason is None:
+            raise
+        raise StoreWriteError(f"{reason} writing to {folder}: make room or fix it (or choose another output_dir), "
+                              "then rerun: the parts already written are kept and the job resumes") from exc
+
+
 def write_part(split_dir: Path, table: pa.Table, *, prefix: str) -> Path:
     """Write one part atomically: a temporary file in the same folder, fsync, then rename."""
-    split_dir.mkdir(parents=True, exist_ok=True)
     final = split_dir / f"part-{prefix}-{uuid.uuid4().hex[:12]}.parquet"
     tmp = split_dir / f".{final.name}.tmp"
-    pq.write_table(
-        table,
-        tmp,
-        compression="zstd",
-        use_dictionary=["label"],
-        column_encoding={"path": "PLAIN", "embedding": "BYTE_STREAM_SPLIT"},
-    )
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    with writing(split_dir, cleanup=tmp):
+        split_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            use_dictionary=["label"],
+            column_encoding={"path": "PLAIN", "embedding": "BYTE_STREAM_SPLIT"},
+        )
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
     return final
 
 
@@ -83,13 +143,14 @@ def append_errors(split_dir: Path, errors: Iterable[dict[str, str]]) -> None:
     lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
     if not lines:
         return
-    split_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(split_dir / ERRORS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, lines.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with writing(split_dir):
+        split_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(split_dir / ERRORS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, lines.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_errors(split_dir: Path) -> list[dict[str, str]]:
@@ -116,8 +177,20 @@ def done_paths(split_dir: Path) -> set[str]:
     """Paths already embedded or recorded as errors: a resumed run skips these."""
     done = {e["path"] for e in read_errors(split_dir)}
     for part in parts(split_dir):
-        done.update(pq.read_table(part, columns=["path"]).column("path").to_pylist())
+        done.update(read_part(part, columns=["path"]).column("path").to_pylist())
     return done
+
+
+def read_part(part: Path, *, columns: list[str] | None = None) -> pa.Table:
+    """One committed part; a truncated or foreign file raises CorruptPartError naming it and what to do."""
+    try:
+        return pq.read_table(part, columns=columns)
+    except PermissionError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CorruptPartError(f"{part} is not a readable part ({first}); delete it and rerun the embed job: "
+                               "its rows are embedded again") from exc
 
 
 def remove_stale_tmp(split_dir: Path, prefix: str) -> None:
@@ -126,21 +199,105 @@ def remove_stale_tmp(split_dir: Path, prefix: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def prepare_output(output_dir: Path, metadata: dict[str, Any], *, overwrite: bool) -> None:
-    """Create or check the output directory's manifest; refuse one written with other settings."""
+def prepare_output(output_dir: Path, metadata: dict[str, Any], *, overwrite: bool,
+                   protected: Sequence[Path] = ()) -> None:
+    """Create or check the output directory's manifest; refuse one written with other settings.
+
+    `overwrite` first empties the directory, only when `check_overwrite` finds nothing but our files in it.
+    """
     output_dir = Path(output_dir)
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        clear_output(output_dir, protected=protected)
+    with writing(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
     manifest = output_dir / MANIFEST
     if manifest.exists():
-        existing = json.loads(manifest.read_text())
+        try:
+            existing = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptPartError(f"{manifest} is not valid JSON ({exc}); it records the settings of the "
+                                   "embeddings here: restore it, or start over with overwrite=true") from exc
         check_same(existing, metadata, what=str(output_dir),
                    hint="use another output_dir, or overwrite=true to start over")
         return
-    tmp = output_dir / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.write_text(json.dumps(metadata, indent=2))
-    os.replace(tmp, manifest)
+    write_json(manifest, metadata)
+
+
+def foreign_entries(output_dir: Path) -> list[str]:
+    """Entries under `output_dir` (relative, POSIX) that match none of OWN_FILES / OWN_FOLDERS."""
+    foreign = []
+    for entry in sorted(Path(output_dir).iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            allowed = next(files for pattern, files in OWN_FOLDERS.items() if fnmatch.fnmatchcase(entry.name, pattern))
+            foreign += [f"{entry.name}/{inner.name}" for inner in sorted(entry.iterdir())
+                        if inner.is_dir() or not any(fnmatch.fnmatchcase(inner.name, p) for p in allowed)]
+        elif not any(fnmatch.fnmatchcase(entry.name, p) for p in OWN_FILES):
+            foreign.append(entry.name)
+    return foreign
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def check_location(output_dir: Path, *, root: Path, splits: Sequence[str]) -> None:
+    """Refuse an output directory whose split folders would overlap the dataset's (UnsafeOutputError)."""
+    out, data = Path(output_dir).resolve(), Path(root).resolve()
+    if out == data:
+        raise UnsafeOutputError(f"output_dir={output_dir} is the dataset root (dataset.root={root}): the parts "
+                                "would be written among the images; choose another output_dir")
+    for split in splits:
+        if _inside(out / split, data / split) or _inside(data / split, out / split):
+            raise UnsafeOutputError(f"output_dir={output_dir}: its {split}/ folder and the dataset's "
+                                    f"{data / split} overlap (the parts would be listed as images); "
+                                    "choose an output_dir outside the dataset's split folders")
+
+
+def check_overwrite(output_dir: Path, *, protected: Sequence[Path] = ()) -> None:
+    """Refuse `overwrite=true` unless `output_dir` is absent or an output directory this project made.
+
+    Made by us: the manifest is there and every entry matches OWN_FILES / OWN_FOLDERS. Never the filesystem
+    root, the home directory or a folder above it, nor a folder holding any of `protected` (the dataset root).
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.exists() and not output_dir.is_symlink():
+        return
+    out, home = output_dir.resolve(), Path.home().resolve()
+    refuse = f"overwrite=true refuses to delete output_dir={output_dir}"
+    if out == Path(out.anchor) or _inside(home, out):
+        what = "the filesystem root" if out == Path(out.anchor) else "your home directory or a folder holding it"
+        raise UnsafeOutputError(f"{refuse}: it is {what}; choose another output_dir")
+    for folder in protected:
+        if _inside(Path(folder).resolve(), out):
+            raise UnsafeOutputError(f"{refuse}: it holds the dataset ({folder}); choose another output_dir")
+    if not output_dir.is_dir() or output_dir.is_symlink():
+        raise UnsafeOutputError(f"{refuse}: it is not a folder this project made; remove it yourself or choose "
+                                "another output_dir")
+    entries = [e for e in output_dir.iterdir() if not e.name.startswith(LOCK_PREFIX)]
+    if entries and not (output_dir / MANIFEST).is_file():
+        raise UnsafeOutputError(f"{refuse}: it has no {MANIFEST}, so pipelines.embed did not make it; remove it "
+                                "yourself or choose another output_dir")
+    foreign = foreign_entries(output_dir)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UnsafeOutputError(f"{refuse}: it holds files this project did not write ({shown}); move them "
+                                "out, or choose another output_dir")
+
+
+def clear_output(output_dir: Path, *, protected: Sequence[Path] = ()) -> None:
+    """Empty an output directory this project made (see `check_overwrite`), keeping the running jobs' locks."""
+    check_overwrite(output_dir, protected=protected)
+    if not Path(output_dir).is_dir():
+        return
+    with writing(Path(output_dir)):
+        for entry in Path(output_dir).iterdir():
+            if entry.name.startswith(LOCK_PREFIX):
+                continue  # deleting a held lock file would let a second job lock a new one
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
 
 def differences(a: dict[str, Any], b: dict[str, Any], *, where: tuple[str, str] = ("there", "now")) -> list[str]:
@@ -167,9 +324,27 @@ class Split:
     metadata: dict[str, Any]
 
 
+def check_unique(paths: Sequence[str], *, where: str) -> None:
+    """Refuse a split holding a path more than once (CorruptPartError naming the count and an example)."""
+    counts = Counter(paths)
+    twice = [p for p, n in counts.items() if n > 1]
+    if twice:
+        extra = sum(counts[p] - 1 for p in twice)
+        raise CorruptPartError(f"{where} holds {len(twice)} path(s) more than once ({extra} duplicate rows, e.g. "
+                               f"{sorted(twice)[0]}); two jobs wrote into it at once: embed it again with "
+                               "overwrite=true")
+
+
 def read_metadata(part: Path) -> dict[str, Any]:
     """The project's footer metadata of one part."""
-    meta = pq.read_schema(part).metadata or {}
+    try:
+        meta = pq.read_schema(part).metadata or {}
+    except PermissionError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CorruptPartError(f"{part} is not a readable part ({first}); delete it and rerun the embed job: "
+                               "its rows are embedded again") from exc
     if METADATA_KEY not in meta:
         raise StoreMismatchError(f"{part}: no '{METADATA_KEY.decode()}' footer metadata; not written by this project")
     return json.loads(meta[METADATA_KEY])
@@ -184,7 +359,10 @@ def read_split(output_dir: str | Path, split: str) -> Split:
     metadata = read_metadata(found[0])
     for part in found[1:]:
         check_same(metadata, read_metadata(part), what=str(part))
-    table = pq.read_table(found, schema=pq.read_schema(found[0])).sort_by("path")
+    tables = [read_part(part) for part in found]
+    meta = tables[0].schema.metadata
+    table = pa.concat_tables([t.replace_schema_metadata(meta) for t in tables]).sort_by("path")
+    check_unique(table.column("path").to_pylist(), where=str(split_dir))
     return Split(
         paths=table.column("path").to_pylist(),
         labels=table.column("label").to_pylist(),
@@ -203,6 +381,118 @@ def embedding_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    with writing(path.parent, cleanup=tmp):
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+
+
+@dataclass
+class OutputLock:
+    """The held locks of one job on an output directory: released by `release` or when the process dies."""
+
+    path: Path
+    fds: list[int]
+
+    def release(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing the last descriptor drops the flock
+        self.fds = []
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _open_lock(path: Path) -> int:
+    with writing(path.parent):
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def _try_flock(fd: int, kind: int) -> bool:
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _holder(path: Path) -> str:
+    """The pid a lock file names ('unknown' when it names none)."""
+    with contextlib.suppress(OSError, ValueError):
+        return str(int(path.read_text().split()[0]))
+    return "unknown"
+
+
+def lock_output(output_dir: Path, *, shard_index: int, shard_count: int) -> OutputLock:
+    """Hold `output_dir`'s lock for this shard for the life of the job (fcntl.flock: dies with the process).
+
+    A second job on the same shard, or any job on this directory with another `shard_count` (their shares of
+    the files overlap), is refused with OutputBusyError naming the holder's pid. Shards of one count coexist.
+    Lock files are hidden (`.lock*`), so Parquet readers skip them.
+    """
+    output_dir = Path(output_dir)
+    with writing(output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
+    mutex = _open_lock(output_dir / LOCK_PREFIX)
+    fds: list[int] = []
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX)  # held for milliseconds: makes the checks below one step across jobs
+        count_fd = _open_lock(output_dir / f"{LOCK_PREFIX}-count{shard_count}")
+        fds.append(count_fd)
+        fcntl.flock(count_fd, fcntl.LOCK_SH)
+        _refuse_other_counts(output_dir, shard_count)
+        shard_path = output_dir / f"{LOCK_PREFIX}-shard{shard_index}of{shard_count}"
+        shard_fd = _open_lock(shard_path)
+        fds.append(shard_fd)
+        if not _try_flock(shard_fd, fcntl.LOCK_EX):
+            raise OutputBusyError(f"output_dir={output_dir} shard {shard_index} of {shard_count} is being written "
+                                  f"by another job (pid {_holder(shard_path)}); wait for it to finish, or stop it")
+        os.ftruncate(shard_fd, 0)
+        os.pwrite(shard_fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        os.close(mutex)
+    return OutputLock(output_dir, fds)
+
+
+def _refuse_other_counts(output_dir: Path, shard_count: int) -> None:
+    """Raise OutputBusyError when a job with another shard count holds this directory (caller holds the mutex)."""
+    for other in sorted(output_dir.glob(f"{LOCK_PREFIX}-count*")):
+        if other.name == f"{LOCK_PREFIX}-count{shard_count}":
+            continue
+        fd = os.open(other, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if _try_flock(fd, fcntl.LOCK_EX):
+                continue  # nobody holds it: a finished job's file
+        finally:
+            os.close(fd)
+        count = other.name.removeprefix(f"{LOCK_PREFIX}-count")
+        pids = sorted({_holder(p) for p in output_dir.glob(f"{LOCK_PREFIX}-shard*of{count}") if _is_held(p)})
+        raise OutputBusyError(f"output_dir={output_dir} is being written by a job with shard.count={count} "
+                              f"(pid {', '.join(pids) or 'unknown'}); shards of one output must share one "
+                              f"shard.count: wait for it, or use shard.count={count}")
+
+
+def _is_held(path: Path) -> bool:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return not _try_flock(fd, fcntl.LOCK_EX)
+    finally:
+        os.close(fd)
+
+
+def rows_in(split_dir: Path, names: Iterable[str]) -> int:
+    """Rows of the named parts of a split, from their footers (cheap; unreadable parts count 0)."""
+    total = 0
+    for name in names:
+        with contextlib.suppress(pa.ArrowException, OSError):
+            total += pq.read_metadata(Path(split_dir) / name).num_rows
+    return total

@@ -2,6 +2,8 @@
 
 Reads the embed job's Parquet (never runs the model), votes with `pipelines.knn`, and writes under
 `<embeddings_dir>/validation/`: report.json, per_class.csv, predictions.parquet and per_class.png.
+pandas, matplotlib and the k-NN backends (scikit-learn, torch) are imported where they are used, so that
+`--cfg job` and bad settings answer in a moment.
 """
 
 from __future__ import annotations
@@ -10,23 +12,26 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
-import pandas as pd
 from hydra.utils import instantiate
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines import knn, store
+from pipelines import store
 from pipelines.config import CONF_DIR, UserError, clean_errors
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from pipelines import knn
 
 log = logging.getLogger(__name__)
 
 CLASS_NAMES_FILE = "LOC_synset_mapping.txt"
-REPORT, PER_CLASS, PREDICTIONS, FIGURE = "report.json", "per_class.csv", "predictions.parquet", "per_class.png"
+REPORT, PER_CLASS, PREDICTIONS, FIGURE = store.VALIDATION_FILES  # the store lists them as ours (overwrite)
 
 
 def check_compatible(train: store.Split, query: store.Split, *, names: tuple[str, str]) -> None:
@@ -124,6 +129,8 @@ class Tally:
 def per_class_table(tally: Tally, classes: list[str], names: dict[str, str], *, query_counts: np.ndarray,
                     train_counts: np.ndarray) -> pd.DataFrame:
     """One row per class: counts, top-1/top-5 accuracy (mean over episodes), the class it is most taken for."""
+    import pandas as pd
+
     runs = len(tally.episodes)
     wrong = tally.confusion.copy()
     np.fill_diagonal(wrong, 0)
@@ -143,6 +150,9 @@ def per_class_table(tally: Tally, classes: list[str], names: dict[str, str], *, 
 
 def plot_per_class(table: pd.DataFrame, *, worst: int, title: str) -> Figure:
     """Histogram of per-class top-1 accuracy and the `worst` classes as bars (no pyplot: renders with Agg)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     shown = table.sort_values(["top1", "label"]).head(worst)
     fig = Figure(figsize=(11, max(3.5, 0.25 * len(shown) + 1.2)), layout="constrained")
     hist, bars = fig.subplots(1, 2, width_ratios=[1, 1.3])
@@ -166,6 +176,8 @@ def predictions_frame(result: knn.Result, data: Labelled, *, rows: np.ndarray) -
 
     `rows` int [n]: the train rows the result's neighbour indices refer to (the episode's draw).
     """
+    import pandas as pd
+
     cls = np.asarray(data.classes, dtype=object)
     neighbours = rows[result.neighbours.indices]
     return pd.DataFrame({
@@ -216,6 +228,8 @@ def run_validate(
     worst: int = 20,
 ) -> dict[str, Any]:
     """k-NN of `query_split` against `train_split` in `embeddings_dir`; writes the outputs, returns the report."""
+    from pipelines import knn
+
     start = time.perf_counter()
     knn.check_settings(k=k, weights=weights, metric=metric)
     if episodes < 1:
@@ -261,6 +275,8 @@ def _codes(labels: list[str], classes: list[str]) -> np.ndarray:
 
 def _run_episodes(data: Labelled, draws: list[np.ndarray], **knn_args: Any) -> tuple[Tally, knn.Result]:
     """Classify the queries once per draw of train rows; the tally and the first episode's result."""
+    from pipelines import knn
+
     tally, first = Tally(knn_args["n_classes"]), None
     for i, rows in enumerate(draws):
         t0 = time.perf_counter()
@@ -334,8 +350,10 @@ def format_report(report: dict[str, Any], table: pd.DataFrame, *, rows: int = 10
 
 
 @hydra.main(config_path=CONF_DIR, config_name="validate", version_base="1.3")
-@clean_errors(store.StoreMismatchError, FileNotFoundError, ValueError)
+@clean_errors(FileNotFoundError, PermissionError, ValueError)
 def main(cfg: DictConfig) -> None:
+    import pandas as pd
+
     root = None if OmegaConf.is_missing(cfg.dataset, "root") else cfg.dataset.root
     report = run_validate(
         embeddings_dir=cfg.embeddings_dir,
