@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -22,6 +24,12 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from pipelines.siglip import Preprocess
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# PIL's decompression-bomb threshold (about 89.5 megapixels): the default pixel limit of `decode`.
+DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89478485
+# ISO base media files (AVIF, HEIC) carry "ftyp" at offset 4; torchvision may read those where PIL cannot.
+_ISO_BMFF_AT = (4, b"ftyp")
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class ImageRecord:
 
 
 class DecodeError(ValueError):
-    """The bytes are not an image that torchvision or PIL can decode."""
+    """The bytes are not an image that can be decoded (the message is the reason, one line)."""
 
 
 def list_split(root: str | Path, split: str) -> list[ImageRecord]:
@@ -68,30 +76,104 @@ def take_shard(records: list[ImageRecord], *, index: int, count: int) -> list[Im
     return [r for r in records if shard_of(r.path, count) == index]
 
 
-def decode(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 [3, H, W] RGB; torchvision first, PIL for the formats it lacks."""
+def decode(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, H, W] RGB (the first frame of an animation).
+
+    The header is read first (PIL's lazy open: format and size, no pixels), so an image above `max_pixels`
+    (None: no limit) is refused before any memory is spent on it. JPEG is decoded by torchvision
+    (libjpeg-turbo: fast, and what the preprocessing was validated with), falling back to PIL for the JPEGs it
+    refuses; every other format by PIL, which reports a truncated or corrupt file as an error where
+    torchvision's PNG decoder can crash the process (docs/robustness.md). Images with more than 8 bits per
+    sample are scaled to 8 bits as a viewer shows them (`to_rgb8`), not clipped. Any failure is a
+    `DecodeError` whose message is the reason.
+    """
     if not data:
         raise DecodeError("empty file")
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        if image.dtype == torch.uint8:
-            return image[0] if image.ndim == 4 else image  # first frame of an animation
-    except RuntimeError:
-        pass  # BMP, TIFF, 16-bit PNG and the like: PIL below, or its error
+        return _decode(data, max_pixels)
+    except DecodeError:
+        raise
+    except MemoryError as exc:
+        raise DecodeError("out of memory while decoding") from exc
+    except Exception as exc:  # decoders raise many types for bad bytes; the job wants one
+        raise DecodeError(f"cannot decode image: {_one_line(exc)}") from exc
+
+
+def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
     try:
-        with Image.open(io.BytesIO(data)) as pil:
-            array = torch.from_numpy(_pil_rgb(pil))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            pil = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise DecodeError("not an image in a format torchvision or PIL can read") from exc
-    except Exception as exc:  # PIL raises many types for bad bytes
-        raise DecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
-    return array.permute(2, 0, 1).contiguous()
+        if data[_ISO_BMFF_AT[0]:_ISO_BMFF_AT[0] + 4] == _ISO_BMFF_AT[1]:
+            return _decode_torchvision(data, max_pixels)
+        raise DecodeError("not an image (no format PIL or torchvision reads)") from exc
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"too large: {exc} (raise PIL.Image.MAX_IMAGE_PIXELS as well)") from exc
+    with pil:
+        width, height = pil.size
+        check_size(width, height, max_pixels)
+        if pil.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with extra frames
+            try:
+                image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                return image
+            except RuntimeError:
+                pass  # CMYK with an unusual transform, arithmetic coding, ...: PIL below, or its error
+        return pil_to_tensor(pil)
 
 
-def _pil_rgb(pil: Image.Image):
-    import numpy as np
+def check_size(width: int, height: int, max_pixels: int | None) -> None:
+    """Raise `DecodeError('too large: WxH (limit N pixels)')` when width * height exceeds `max_pixels`."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise DecodeError(f"too large: {width}x{height} (limit {max_pixels} pixels)")
 
-    return np.array(pil.convert("RGB"), dtype=np.uint8)
+
+def _decode_torchvision(data: bytes, max_pixels: int | None) -> torch.Tensor:
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise DecodeError("not an image (no format PIL or torchvision reads)") from exc
+    image = image[0] if image.ndim == 4 else image
+    check_size(image.shape[-1], image.shape[-2], max_pixels)
+    if image.dtype != torch.uint8:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)  # 16-bit: the high byte, as to_rgb8 does
+    return image
+
+
+def pil_to_tensor(pil: Image.Image) -> torch.Tensor:
+    """A PIL image (its first frame) -> uint8 [3, H, W] RGB; `OSError` on a truncated or corrupt file."""
+    pil.load()
+    array = torch.from_numpy(to_rgb8(pil))
+    return array.permute(2, 0, 1)  # [3, H, W] view of the [H, W, 3] array: resize reads it channels-last
+
+
+def to_rgb8(pil: Image.Image) -> np.ndarray:
+    """A loaded PIL image -> uint8 [H, W, 3] RGB, with samples wider than 8 bits scaled, not clipped.
+
+    - 16-bit integer samples (PIL modes I;16*; 16-bit RGB/RGBA PNGs, which PIL reads as their high byte):
+      v >> 8, the high byte, so 65535 -> 255 and 32768 -> 128: what libpng's strip-16, PIL's own 16-bit
+      colour decoding and torchvision's `to_dtype(..., scale=True)` give.
+    - 32-bit integer (mode I): taken as 16-bit data (the common case: 16-bit scans in 32-bit containers):
+      clipped to [0, 65535], then v >> 8.
+    - 32-bit float (mode F): taken as [0, 1] (the float image convention): round(clip(v, 0, 1) * 255);
+      NaN -> 0.
+    Grayscale is repeated into the three channels; alpha is dropped (as `convert("RGB")` does).
+    """
+    mode = pil.mode
+    if mode.startswith("I;16") or mode == "I":
+        gray = np.asarray(pil).astype(np.int64)
+        gray = (np.clip(gray, 0, 65535) >> 8).astype(np.uint8)
+    elif mode == "F":
+        values = np.nan_to_num(np.asarray(pil, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+        gray = np.rint(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)
+    else:
+        return np.array(pil if mode == "RGB" else pil.convert("RGB"), dtype=np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "no message"
+    return f"{type(exc).__name__}: {text}"
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
