@@ -8,7 +8,9 @@ encoder's device (nvjpeg on CUDA) for hosts with few cores.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import signal
 import warnings
 import zlib
 from collections import defaultdict
@@ -22,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from pipelines.siglip import Preprocess
+
+log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -44,22 +48,95 @@ class DecodeError(ValueError):
     """The bytes are not an image that can be decoded (the message is the reason, one line)."""
 
 
-def list_split(root: str | Path, split: str) -> list[ImageRecord]:
-    """All files under `root/split/<class>/`, sorted by path; hidden files and folders skipped."""
+@dataclass
+class Listing:
+    """What a split folder holds: the image records, and what is not a class's image (paths relative to root).
+
+    `stray_files`: files lying directly in the split folder (no class); `empty_classes`: class folders
+    without a file; `skipped_dirs`: directories reached a second time (a symlink loop, or two links to one
+    folder), not walked again.
+    """
+
+    records: list[ImageRecord]
+    stray_files: list[str]
+    empty_classes: list[str]
+    skipped_dirs: list[str]
+
+
+def scan_split(root: str | Path, split: str) -> Listing:
+    """All files under `root/split/<class>/` (sorted by path), each real directory walked once.
+
+    Symlinks are followed (the subset builder links files), but a directory already walked, by its device
+    and inode, is skipped: `self -> .` or `up -> ..` end instead of looping. Hidden files and folders are
+    skipped; stray files, empty classes and skipped directories are returned and logged as warnings.
+    """
     root = Path(root)
     split_dir = root / split
     if not split_dir.is_dir():
         raise FileNotFoundError(f"dataset split folder {split_dir} does not exist")
-    records = []
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if not name.startswith("."):
-                    rel = Path(dirpath, name).relative_to(root).as_posix()
-                    records.append(ImageRecord(path=rel, label=class_dir.name))
-    records.sort(key=lambda r: r.path)
-    return records
+    seen = {_dir_key(split_dir)}
+    listing = Listing([], [], [], [])
+    for entry in _entries(split_dir):
+        rel = Path(entry.path).relative_to(root).as_posix()
+        if not _is_dir(entry):
+            listing.stray_files.append(rel)
+            continue
+        before = len(listing.records)
+        if _walk_class(Path(entry.path), root, entry.name, seen, listing) and len(listing.records) == before:
+            listing.empty_classes.append(rel)
+    listing.records.sort(key=lambda r: r.path)
+    for what, paths in (("file(s) outside any class folder, not embedded", listing.stray_files),
+                        ("empty class folder(s)", listing.empty_classes),
+                        ("folder(s) reached twice (symlink loop or duplicate link), walked once",
+                         listing.skipped_dirs)):
+        if paths:
+            log.warning("%s: %d %s: %s", split_dir, len(paths), what, ", ".join(paths[:10])
+                        + (f" (and {len(paths) - 10} more)" if len(paths) > 10 else ""))
+    return listing
+
+
+def list_split(root: str | Path, split: str) -> list[ImageRecord]:
+    """The image records of `scan_split(root, split)`."""
+    return scan_split(root, split).records
+
+
+def _walk_class(class_dir: Path, root: Path, label: str, seen: set[tuple[int, int]], listing: Listing) -> bool:
+    """Add the files under `class_dir` to `listing`; False when the class folder itself was seen before."""
+    stack = [class_dir]
+    walked_class = False
+    while stack:
+        folder = stack.pop()
+        key = _dir_key(folder)
+        if key in seen:
+            listing.skipped_dirs.append(folder.relative_to(root).as_posix())
+            continue
+        seen.add(key)
+        walked_class = walked_class or folder == class_dir
+        subdirs = []
+        for entry in _entries(folder):
+            if _is_dir(entry):
+                subdirs.append(Path(entry.path))
+            else:  # files, file links (followed when read), broken links (an error record when read)
+                listing.records.append(ImageRecord(Path(entry.path).relative_to(root).as_posix(), label))
+        stack.extend(reversed(subdirs))
+    return walked_class
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks
+    except OSError:
+        return False
+
+
+def _dir_key(folder: Path) -> tuple[int, int]:
+    st = folder.stat()
+    return st.st_dev, st.st_ino
 
 
 def shard_of(path: str, count: int) -> int:
@@ -172,31 +249,53 @@ def to_rgb8(pil: Image.Image) -> np.ndarray:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or "no message"
-    return f"{type(exc).__name__}: {text}"
+    return f"{type(exc).__name__}: {_one_line_text(exc)}"
+
+
+def _one_line_text(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or "no message"
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Reads and resizes one record per item; a failure becomes an error entry, never an exception."""
+    """Reads and resizes one record per item; a failure becomes an error entry, never an exception.
 
-    def __init__(self, root: str | Path, records: list[ImageRecord], preprocess: Preprocess) -> None:
+    `tracker`: optional shared int64 array of 2 slots per DataLoader worker, [pid, index being read or -1];
+    set by the runner so that after a worker dies it knows which file the worker was decoding.
+    """
+
+    def __init__(self, root: str | Path, records: list[ImageRecord], preprocess: Preprocess, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.root = Path(root)
         self.records = records
         self.preprocess = preprocess
+        self.max_pixels = max_pixels
+        self.tracker: Any = None
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        slot = self._slot()
+        if slot is not None:
+            self.tracker[slot], self.tracker[slot + 1] = os.getpid(), i
         try:
             pixels = self.load((self.root / self.records[i].path).read_bytes())
             return {"index": i, "pixels": pixels, "error": None}
-        except (OSError, DecodeError) as exc:
-            return {"index": i, "pixels": None, "error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # DecodeError, OSError, or a resize failure: an error entry, the worker lives
+            return {"index": i, "pixels": None, "error": f"{type(exc).__name__}: {_one_line_text(exc)}"}
+        finally:
+            if slot is not None:
+                self.tracker[slot + 1] = -1
 
     def load(self, data: bytes) -> torch.Tensor:
         """A file's bytes -> uint8 [3, H, W], decoded and resized."""
-        return self.preprocess.resize(decode(data))
+        return self.preprocess.resize(decode(data, max_pixels=self.max_pixels))
+
+    def _slot(self) -> int | None:
+        if self.tracker is None:
+            return None
+        info = torch.utils.data.get_worker_info()
+        return None if info is None else 2 * info.id
 
 
 @dataclass
@@ -228,8 +327,10 @@ def collate(items: list[dict[str, Any]]) -> Batch:
 
 
 def worker_init(_: int) -> None:
-    """One thread per worker: the workers are the parallelism, and oversubscription collapses speed."""
+    """One thread per worker (the workers are the parallelism, oversubscription collapses speed); Ctrl-C is
+    the main process's to handle (it stops the workers), so a worker does not die of it mid-batch."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class EncodedImageDataset(ImageFolderDataset):
@@ -238,6 +339,11 @@ class EncodedImageDataset(ImageFolderDataset):
     def load(self, data: bytes) -> torch.Tensor:
         """JPEG bytes -> themselves as uint8 [n]; any other format -> uint8 [3, H, W], decoded and resized."""
         if data.startswith(JPEG_MAGIC):
+            try:
+                with Image.open(io.BytesIO(data)) as pil:  # the header only: the pixel limit holds on the device too
+                    check_size(*pil.size, self.max_pixels)
+            except (OSError, Image.DecompressionBombError):
+                pass  # a JPEG PIL cannot parse: the device decoder, then `decode`, give the reason
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return super().load(data)
 

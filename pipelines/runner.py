@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import queue
+import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +21,7 @@ from tqdm import tqdm
 
 from pipelines import store
 from pipelines.data import (
+    DEFAULT_MAX_PIXELS,
     Batch,
     EncodedImageDataset,
     ImageFolderDataset,
@@ -26,6 +30,7 @@ from pipelines.data import (
     collate_encoded,
     worker_init,
 )
+from pipelines.isolate import Crashed, Isolated
 from pipelines.siglip import Encoder, Preprocess
 
 log = logging.getLogger(__name__)
@@ -68,13 +73,21 @@ def make_loader(
     num_workers: int,
     device: torch.device,
     device_decode: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> torch.utils.data.DataLoader:
     """The job's DataLoader: `Batch`es of uint8 [B, 3, H, W] (pinned for CUDA), or `EncodedBatch`es.
 
     With `device_decode` the workers only read files (and decode what is not JPEG); `EncodedBatch.decoded`
-    decodes the JPEGs on `device` in the main process.
+    decodes the JPEGs on `device` in the main process. With workers, the dataset's `tracker` records which
+    file each worker is reading (`embed_split` uses it after a worker dies); without, the items are read in
+    one forked child process (`InChildDataset`), so that a decoder crash cannot take this process down.
     """
-    dataset = (EncodedImageDataset if device_decode else ImageFolderDataset)(root, records, preprocess)
+    dataset = (EncodedImageDataset if device_decode else ImageFolderDataset)(root, records, preprocess,
+                                                                             max_pixels=max_pixels)
+    if num_workers:
+        dataset.tracker = mp.get_context("fork").RawArray("q", [-1] * (2 * num_workers))
+    else:
+        dataset = InChildDataset(dataset)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -154,20 +167,153 @@ def embed_split(
     prefix: str,
     progress: bool = True,
     device_decode: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> SplitStats:
     """Embed the records not yet in `output_dir/split`; errors go to its errors file.
 
     `device_decode`: decode JPEGs on the encoder's device in batches (nvjpeg on CUDA) instead of in the workers.
+    `max_pixels`: larger images are error records ("too large: WxH"), refused from their header.
+    A decode worker that dies (a signal, an abort) costs only the file that killed it: it is recorded as
+    "decoder crashed (signal N)" and the loader restarts on the files not yet done (`_embed_all`).
     """
     split_dir, todo, stats = start_split(output_dir, split, records, prefix)
     if not todo:
         return stats
-    loader = make_loader(root=root, records=todo, preprocess=encoder.preprocess, batch_size=batch_size,
-                         num_workers=num_workers, device=encoder.device, device_decode=device_decode)
+
+    def loader_for(records: list[ImageRecord]) -> torch.utils.data.DataLoader:
+        return make_loader(root=root, records=records, preprocess=encoder.preprocess, batch_size=batch_size,
+                           num_workers=num_workers, device=encoder.device, device_decode=device_decode,
+                           max_pixels=max_pixels)
+
     return write_split(
         split_dir, stats, len(todo), metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix,
-        progress=progress, fill=lambda writer, bar: _loop(loader, encoder, todo, writer, split_dir, stats, bar),
+        progress=progress,
+        fill=lambda writer, bar: _embed_all(loader_for, encoder, todo, writer, split_dir, stats, bar),
     )
+
+
+# Worker deaths in a row without a file to blame (decoding each suspect alone does not crash) before the job
+# gives up: a host killing workers (memory) rather than a file killing its decoder.
+MAX_UNEXPLAINED_DEATHS = 3
+# Torch's message for a dead worker names its pid(s): "DataLoader worker (pid 123) is killed by signal: ..."
+# or "DataLoader worker (pid(s) 123, 456) exited unexpectedly".
+_DEAD_WORKER = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
+
+
+class WorkerDied(Exception):
+    """A DataLoader worker died; `handled` holds the positions of the records already embedded or recorded."""
+
+    def __init__(self, message: str, pids: set[int], handled: set[int]) -> None:
+        super().__init__(message)
+        self.pids, self.handled = pids, handled
+
+
+class DecodeWorkersDiedError(RuntimeError):
+    """Decode workers keep dying and no file makes a decoder crash on its own."""
+
+
+def _embed_all(loader_for: Callable[[list[ImageRecord]], Any], encoder: Encoder, todo: list[ImageRecord],
+               writer: PartWriter, split_dir: Path, stats: SplitStats, bar: tqdm) -> None:
+    """Run the loop over `todo`; after a worker death, record the file(s) that crash a decoder and go on.
+
+    Suspects are the files the dead workers were reading (the dataset's tracker); each is decoded alone in a
+    disposable forked process, exactly as the worker did, and the ones that crash it too are recorded with
+    that process's exit ("decoder crashed (signal 11)"). When none does, every file of the batches that were
+    in flight is tried the same way. The loader then restarts on the records neither done nor recorded.
+    """
+    records, unexplained = list(todo), 0
+    while records:
+        loader = loader_for(records)
+        try:
+            _loop(loader, encoder, records, writer, split_dir, stats, bar)
+            return
+        except WorkerDied as exc:
+            died = exc
+        log.warning("%s; finding the file that crashed it", died)
+        culprits = _find_culprits(loader, records, died)
+        failures = [(records[k].path, records[k].label, f"DecodeError: {reason}") for k, reason in culprits.items()]
+        record_errors(split_dir, failures, stats)
+        bar.update(len(failures))
+        unexplained = 0 if culprits else unexplained + 1
+        if unexplained >= MAX_UNEXPLAINED_DEATHS:
+            raise DecodeWorkersDiedError(
+                f"decode workers died {unexplained} times in a row and no file crashes a decoder on its own "
+                f"(last: {died}); the host may be killing them (out of memory?): try fewer num_workers")
+        records = [r for k, r in enumerate(records) if k not in died.handled and k not in culprits]
+
+
+def _find_culprits(loader: Any, records: list[ImageRecord], died: WorkerDied) -> dict[int, str]:
+    """Positions in `records` of the files that crash a decoder alone -> the reason ('decoder crashed (signal 11)')."""
+    dataset = loader.dataset
+    tracker = list(dataset.tracker) if dataset.tracker is not None else []
+    suspects = [tracker[w + 1] for w in range(0, len(tracker), 2)
+                if tracker[w + 1] >= 0 and (not died.pids or tracker[w] in died.pids)]
+    culprits = _crashing(dataset, [k for k in suspects if k not in died.handled])
+    if culprits:
+        return culprits
+    # Nothing marked crashes alone: try every file of the batches that may have been in flight.
+    in_flight = (len(died.handled) // loader.batch_size + 1 + loader.num_workers * (loader.prefetch_factor or 1))
+    limit = min(len(records), in_flight * loader.batch_size)
+    return _crashing(dataset, [k for k in range(limit) if k not in died.handled and k not in suspects])
+
+
+def _crashing(dataset: ImageFolderDataset, positions: list[int]) -> dict[int, str]:
+    """Decode each position alone in a forked child (as the worker would); those that crash it -> reason."""
+    if not positions:
+        return {}
+    tracker, dataset.tracker = dataset.tracker, None
+    try:
+        with Isolated(_ItemAsNumpy(dataset), start_method="fork") as child:
+            outcomes = child.map(positions)
+    finally:
+        dataset.tracker = tracker
+    return {k: outcome.reason for k, outcome in zip(positions, outcomes) if isinstance(outcome, Crashed)}
+
+
+class InChildDataset(torch.utils.data.Dataset):
+    """A dataset whose items are read in one persistent forked child: for a loader without workers, so that
+    a decoder crash costs its file ("decoder crashed (signal 11)") instead of the job."""
+
+    def __init__(self, dataset: ImageFolderDataset) -> None:
+        self.dataset = dataset
+        self.tracker = None
+        self._child = Isolated(_ItemAsNumpy(dataset), start_method="fork")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        items = []
+        for i, outcome in zip(indices, self._child.map(list(indices))):
+            if isinstance(outcome, Crashed):
+                items.append({"index": i, "pixels": None, "error": f"DecodeError: {outcome.reason}"})
+            elif not outcome[0]:
+                items.append({"index": i, "pixels": None, "error": outcome[1]})
+            else:
+                item = outcome[1]
+                if item["pixels"] is not None:
+                    item["pixels"] = torch.from_numpy(item["pixels"])
+                items.append(item)
+        return items
+
+    def __del__(self) -> None:
+        self._child.close()
+
+
+@dataclass(frozen=True)
+class _ItemAsNumpy:
+    """dataset[i] with its pixels as numpy (pickled through the pipe, where a tensor would go through /dev/shm)."""
+
+    dataset: ImageFolderDataset
+
+    def __call__(self, i: int) -> dict[str, Any]:
+        item = self.dataset[i]
+        if item["pixels"] is not None:
+            item["pixels"] = item["pixels"].numpy()
+        return item
 
 
 def start_split(
@@ -212,31 +358,60 @@ def record_errors(split_dir: Path, failures: Iterable[tuple[str, str, str]], sta
     stats.errors += len(errors)
 
 
-def _loop(loader, encoder: Encoder, todo: list[ImageRecord], writer: PartWriter, split_dir: Path,
+def _loop(loader, encoder: Encoder, records: list[ImageRecord], writer: PartWriter, split_dir: Path,
           stats: SplitStats, bar: tqdm) -> None:
+    """Embed what `loader` yields; `WorkerDied` (with the positions handled so far) when a worker dies."""
     # One batch stays in flight: batch i+1 is copied (on a side stream) and queued on the device before
     # batch i's result is read back, so the device never waits on the host.
     copy_stream = torch.cuda.Stream(encoder.device) if encoder.device.type == "cuda" else None
     pending: tuple[Batch, torch.Tensor, Any] | None = None
+    handled: set[int] = set()
+    iterator = iter(loader)
+    _no_async_worker_errors()
     start = tick = time.perf_counter()
-    for loaded in loader:
+    while True:
+        try:
+            loaded = next(iterator)
+        except StopIteration:
+            break
+        except RuntimeError as exc:
+            if not (match := _DEAD_WORKER.search(str(exc))):
+                raise
+            if pending is not None:
+                _finish(pending, records, writer, stats)
+            pids = {int(p) for p in match.group(1).replace(",", " ").split()}
+            getattr(iterator, "_shutdown_workers", lambda: None)()  # the others stop now, not at collection
+            raise WorkerDied(" ".join(str(exc).split()), pids, handled) from exc
         stats.read_s += time.perf_counter() - tick
         if not stats.first_batch_s:
             stats.first_batch_s = time.perf_counter() - start
         tick = time.perf_counter()
         batch = loaded.decoded(encoder.preprocess, encoder.device)
-        _record_failures(batch, todo, split_dir, stats)
+        _record_failures(batch, records, split_dir, stats)
         launched = _launch(encoder, batch, copy_stream) if batch.indices else None
         if pending is not None:
-            _finish(pending, todo, writer, stats)
+            _finish(pending, records, writer, stats)
         pending = launched
+        handled.update(batch.indices)
+        handled.update(index for index, _ in batch.failed)
         bar.update(len(batch.indices) + len(batch.failed))
         stats.model_s += time.perf_counter() - tick
         tick = time.perf_counter()
     if pending is not None:
         tick = time.perf_counter()
-        _finish(pending, todo, writer, stats)
+        _finish(pending, records, writer, stats)
         stats.model_s += time.perf_counter() - tick
+
+
+def _no_async_worker_errors() -> None:
+    """Let a dead worker surface only from `next(iterator)`, never in the middle of writing rows.
+
+    The DataLoader's SIGCHLD handler raises its "worker killed" error from wherever the main thread is;
+    without it the loader still notices the death at its next status check (every few seconds) and raises
+    from `next`. Installed once per process by the first loader, so resetting it once is enough.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 def _launch(encoder: Encoder, batch: Batch, copy_stream: Any) -> tuple[Batch, torch.Tensor, Any]:
