@@ -43,20 +43,25 @@ def check_settings(
     """
     for key, value in (("batch_size", batch_size), ("rows_per_part", rows_per_part)):
         if not _is_int(value) or value < 1:
-            raise UserError(f"{key}={value!r}: expected a whole number of at least 1")
+            raise UserError(f"{key}={_show(value)}: expected a whole number of at least 1")
     if num_workers != "auto" and (not _is_int(num_workers) or num_workers < 0):
-        raise UserError(f"num_workers={num_workers!r}: expected auto or a whole number of at least 0")
+        raise UserError(f"num_workers={_show(num_workers)}: expected auto or a whole number of at least 0")
     for key, value in flags.items():
         if not isinstance(value, bool):
-            raise UserError(f"{key}={value!r}: expected true or false")
+            raise UserError(f"{key}={_show(value)}: expected true or false")
     if not _is_int(shard_count) or shard_count < 1:
-        raise UserError(f"shard.count={shard_count!r}: expected a whole number of at least 1")
+        raise UserError(f"shard.count={_show(shard_count)}: expected a whole number of at least 1")
     if not _is_int(shard_index) or not 0 <= shard_index < shard_count:
-        raise UserError(f"shard.index={shard_index!r}: expected 0 to {shard_count - 1} (shard.count={shard_count})")
+        raise UserError(f"shard.index={_show(shard_index)}: expected 0 to {shard_count - 1} (shard.count={shard_count})")
     if dtype not in DTYPES:
-        raise UserError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise UserError(f"dtype={_show(dtype)}: expected one of {', '.join(DTYPES)}")
     if not isinstance(device, str) or not _DEVICE.match(device) or device.startswith("auto:"):
-        raise UserError(f"device={device!r}: expected auto, cpu, cuda, cuda:N or mps")
+        raise UserError(f"device={_show(device)}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def _show(value: Any) -> str:
+    """A setting's value as typed on the command line: true/false for booleans, quoted strings."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -86,14 +91,14 @@ def check_output_dir(output_dir: Path) -> None:
     """Refuse an output_dir that cannot be written: a file, a read-only folder, a parent that cannot be made."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir={output_dir}: is a file, not a folder; choose another output_dir")
+    probe = output_dir / f".write-test-{os.getpid()}"
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(output_dir) else ""
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) not in (output_dir, probe) else ""
         raise UserError(f"output_dir={output_dir}: cannot write there: {reason}{where}") from exc
 
 
@@ -195,21 +200,27 @@ def _run_locked(*, root: Path, splits: list[str], output_dir: Path, model: str, 
     store.prepare_output(output_dir, {**encoder.metadata(), "dataset_root": str(root.resolve())}, overwrite=False)
     prefix = f"shard{shard_index}of{shard_count}"
     before = {split: _part_names(output_dir / split, prefix) for split in splits}
-    start = time.perf_counter()
-    results: list[SplitStats] = []
     try:
-        for split, listed in listings.items():
-            results.append(runner(
-                encoder=encoder, root=root, split=split, records=listed.records, output_dir=output_dir,
-                batch_size=batch_size, num_workers=workers, rows_per_part=rows_per_part, prefix=prefix,
-                progress=progress,
-            ))
+        return _embed_splits(listings, encoder=encoder, root=root, output_dir=output_dir, runner=runner,
+                             batch_size=batch_size, workers=workers, rows_per_part=rows_per_part, prefix=prefix,
+                             progress=progress, shard_index=shard_index, shard_count=shard_count, compile=compile)
     except KeyboardInterrupt as exc:
+        # The runner has flushed what it had embedded (write_split); say how much, then exit 130 / 143.
         raise Interrupted(getattr(exc, "signum", 2), _saved_message(output_dir, before, prefix)) from None
+
+
+def _embed_splits(listings: dict[str, Listed], *, encoder: Any, root: Path, output_dir: Path,
+                  runner: Callable[..., SplitStats], workers: int, prefix: str, shard_index: int, shard_count: int,
+                  compile: bool, **settings: Any) -> dict[str, Any]:
+    """Run the runner over each split, then write and return the summary."""
+    start = time.perf_counter()
+    results = [runner(encoder=encoder, root=root, split=split, records=listed.records, output_dir=output_dir,
+                      num_workers=workers, prefix=prefix, **settings) for split, listed in listings.items()]
     summary = _summary(results, time.perf_counter() - start, encoder.metadata(), output_dir,
-                       dataset_root=str(root.resolve()), splits=list(splits),
+                       dataset_root=str(root.resolve()), splits=list(listings),
                        runner=getattr(runner, "func", runner).__module__, shard_index=shard_index,
-                       shard_count=shard_count, num_workers=workers, batch_size=batch_size, compile=compile)
+                       shard_count=shard_count, num_workers=workers, batch_size=settings["batch_size"],
+                       compile=compile)
     summary["listing"] = {split: listed.notes() for split, listed in listings.items()}
     _save_summary(output_dir / ("summary.json" if shard_count == 1 else f"summary-{prefix}.json"), summary)
     return summary

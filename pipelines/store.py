@@ -18,6 +18,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections import Counter
@@ -188,9 +189,7 @@ def read_part(part: Path, *, columns: list[str] | None = None) -> pa.Table:
     except PermissionError:
         raise
     except (pa.ArrowException, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CorruptPartError(f"{part} is not a readable part ({first}); delete it and rerun the embed job: "
-                               "its rows are embedded again") from exc
+        raise _corrupt(part, exc) from exc
 
 
 def remove_stale_tmp(split_dir: Path, prefix: str) -> None:
@@ -266,7 +265,8 @@ def check_overwrite(output_dir: Path, *, protected: Sequence[Path] = ()) -> None
     out, home = output_dir.resolve(), Path.home().resolve()
     refuse = f"overwrite=true refuses to delete output_dir={output_dir}"
     if out == Path(out.anchor) or _inside(home, out):
-        what = "the filesystem root" if out == Path(out.anchor) else "your home directory or a folder holding it"
+        what = ("the filesystem root" if out == Path(out.anchor) else
+                "your home directory" if out == home else "a folder holding your home directory")
         raise UnsafeOutputError(f"{refuse}: it is {what}; choose another output_dir")
     for folder in protected:
         if _inside(Path(folder).resolve(), out):
@@ -324,6 +324,13 @@ class Split:
     metadata: dict[str, Any]
 
 
+def _corrupt(part: Path, exc: BaseException) -> CorruptPartError:
+    # pyarrow's message repeats the path ("Could not open Parquet input source '...': "): keep the reason only.
+    reason = re.sub(r"^Could not open Parquet input source '.*?': ", "", (str(exc) or type(exc).__name__).splitlines()[0])
+    return CorruptPartError(f"{part} is not a readable part ({reason}); delete it and rerun the embed job: "
+                            "its rows are embedded again")
+
+
 def check_unique(paths: Sequence[str], *, where: str) -> None:
     """Refuse a split holding a path more than once (CorruptPartError naming the count and an example)."""
     counts = Counter(paths)
@@ -342,9 +349,7 @@ def read_metadata(part: Path) -> dict[str, Any]:
     except PermissionError:
         raise
     except (pa.ArrowException, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CorruptPartError(f"{part} is not a readable part ({first}); delete it and rerun the embed job: "
-                               "its rows are embedded again") from exc
+        raise _corrupt(part, exc) from exc
     if METADATA_KEY not in meta:
         raise StoreMismatchError(f"{part}: no '{METADATA_KEY.decode()}' footer metadata; not written by this project")
     return json.loads(meta[METADATA_KEY])
