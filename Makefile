@@ -1,15 +1,19 @@
 # make demo: set up .venv, embed data/sample with the tiny model (offline) and validate it with 10-shot k-NN.  make test: the test suite.
 PY ?= python3
 VENV := .venv
-EXTRAS ?= test,serve,ray
+# cpu: faiss-cpu. On a CUDA 12 host use EXTRAS=test,serve,ray,gpu instead (faiss-gpu-cu12; never cpu and gpu both).
+EXTRAS ?= test,serve,ray,cpu
 
 .PHONY: demo test install clean
 
+# pip reports each package as it is collected, downloaded (with its size) and installed.
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
+	@echo "Installing siglip-pipelines[$(EXTRAS)] into $(VENV): about 3.3 GB to download, 6.8 GB on disk, 2-10 minutes"
 	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c .ci/constraints.txt -e '.[$(EXTRAS)]'
-	touch $@
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install --progress-bar on -c .ci/constraints.txt -e '.[$(EXTRAS)]'
+	@touch $@
+	@echo "Installed: $$(du -sh $(VENV) | cut -f1) in $(VENV) (source $(VENV)/bin/activate)"
 
 install: $(VENV)/.installed
 

@@ -16,12 +16,44 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The folders a wheel carries, kept at the top of the repository and copied to pipelines/_repo/ by the build
+# (see [tool.setuptools] in pyproject.toml).
+SHIPPED = ("conf", "serving", "data/sample", "data/siglip")
+INSTALLED = (PACKAGE_DIR / "_repo" / "conf").is_dir()
+# conf/, serving/ and data/ lie under REPO_ROOT both in a checkout (editable install or not) and in an installed
+# wheel (there REPO_ROOT is pipelines/_repo); output paths never go there when installed (see `repo_path`).
+REPO_ROOT = PACKAGE_DIR / "_repo" if INSTALLED else PACKAGE_DIR.parent
 CONF_DIR = str(REPO_ROOT / "conf")
 
-# `${repo:data/sample}` -> an absolute path inside the project checkout, whatever the working directory.
+
+def repo_path(rel: str = "") -> str:
+    """`${repo:REL}`: a shipped folder's absolute path (e.g. `data/sample`), whatever the working directory.
+
+    In a checkout any REL lies in the checkout. In an installed wheel a REL outside the shipped folders (an
+    output such as `outputs/serve_bench.md`) lies in the working directory instead: never in site-packages.
+    """
+    shipped = any(rel == top or rel.startswith(f"{top}/") for top in SHIPPED)
+    root = REPO_ROOT if shipped or not INSTALLED else Path.cwd()
+    return str(root / rel)
+
+
 if not OmegaConf.has_resolver("repo"):
-    OmegaConf.register_new_resolver("repo", lambda rel="": str(REPO_ROOT / rel))
+    OmegaConf.register_new_resolver("repo", repo_path)
+
+
+def _print_resolved_config(argv: list[str]) -> None:
+    # Hydra's `--cfg job` prints `${repo:...}` and `${dataset.name}` as written; `--resolve` prints the values the
+    # job will use. Only for the project's own entry points (`python -m pipelines.X`), never for a host program.
+    main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main_module is None or not main_module.name.startswith("pipelines."):
+        return
+    shows_config = any(arg in ("--cfg", "-c") or arg.startswith("--cfg=") for arg in argv)
+    if shows_config and "--resolve" not in argv:
+        argv.append("--resolve")
+
+
+_print_resolved_config(sys.argv)
 
 
 class UserError(Exception):

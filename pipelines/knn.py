@@ -273,8 +273,7 @@ class FaissBackend(CandidateBackend):
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"faiss device={device!r}: expected auto, cpu or cuda")
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded: noise
-        import faiss  # noqa: F401  (here, so that search timings leave the import out)
-
+        _import_faiss()  # here, so that search timings leave the import out
         self.device = device
 
     def _use_gpu(self) -> bool:
@@ -297,6 +296,28 @@ class FaissBackend(CandidateBackend):
         index.add(np.ascontiguousarray(train))
         val, ind = index.search(np.ascontiguousarray(query), n)
         return (1.0 - val if metric == "cosine" else val), ind.astype(np.int64, copy=False)
+
+
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu")
+
+
+def _import_faiss() -> Any:
+    """The `faiss` module; ValueError (one line naming the extra) when none or several FAISS wheels are installed."""
+    from importlib import metadata
+
+    installed = []
+    for dist in FAISS_DISTRIBUTIONS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            installed.append(f"{dist} {metadata.version(dist)}")
+    if len(installed) > 1:  # they ship the same `faiss` package: the last one installed overwrote the other's files
+        raise ValueError(f"knn=faiss: {' and '.join(installed)} are both installed and overwrite each other's "
+                         f"`faiss` package; keep one (pip uninstall faiss-cpu on a CUDA host, else the GPU one)")
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ValueError(f"knn=faiss needs FAISS ({exc}): pip install 'siglip-pipelines[cpu]', or "
+                         f"'siglip-pipelines[gpu]' on a CUDA 12 host; or use knn=torch or knn=sklearn") from exc
+    return faiss
 
 
 BACKENDS: dict[str, type[Backend]] = {"sklearn": SklearnBackend, "faiss": FaissBackend, "torch": TorchBackend}
