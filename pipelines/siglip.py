@@ -9,6 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,8 @@ import pipelines
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "google/siglip-so400m-patch14-384"
+# How long the one request that checks whether the hub answers may take (connecting, then reading).
+HUB_PROBE_TIMEOUT_S = 5.0
 TINY = "tiny"
 SO400M_RANDOM = "so400m-random"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -310,33 +316,41 @@ def load_preprocess(name_or_path: str, *, revision: str | None = None) -> Prepro
     if name_or_path in (TINY, SO400M_RANDOM):
         return Preprocess.from_config(SO400M_PREPROCESSOR)
     _check_local_path(name_or_path)
-    return Preprocess.from_config(_read_preprocessor_config(name_or_path, revision))
+    offline = None if Path(name_or_path).expanduser().is_dir() else _hub_unavailable(name_or_path, revision)
+    return Preprocess.from_config(_read_preprocessor_config(name_or_path, revision, offline)[0])
 
 
 def _load_checkpoint(
     name_or_path: str, revision: str | None, attn_implementation: str
 ) -> tuple[torch.nn.Module, Preprocess, str | None]:
+    _check_local_path(name_or_path)
+    offline = None if Path(name_or_path).expanduser().is_dir() else _hub_unavailable(name_or_path, revision)
+    config, snapshot = _read_preprocessor_config(name_or_path, revision, offline)
+    preprocess = Preprocess.from_config(config)
+    # transformers' model classes take seconds to import: only once the checkpoint is known to be there.
     from transformers import SiglipVisionModel
     from transformers.utils import logging as hf_logging
 
-    _check_local_path(name_or_path)
-    preprocess = Preprocess.from_config(_read_preprocessor_config(name_or_path, revision))
     verbosity = hf_logging.get_verbosity()
     # A full SiglipModel checkpoint carries the text tower too; its weights are skipped on purpose.
     hf_logging.set_verbosity_error()
     try:
         model = SiglipVisionModel.from_pretrained(
-            name_or_path, revision=revision, attn_implementation=attn_implementation
+            name_or_path, revision=revision, attn_implementation=attn_implementation,
+            local_files_only=offline is not None,
         )
     except (OSError, ValueError) as exc:
-        raise WeightsUnavailableError(_unavailable(name_or_path, exc)) from exc
+        raise WeightsUnavailableError(_unavailable(name_or_path, exc, offline)) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
-    commit = getattr(model.config, "_commit_hash", None) or revision
+    commit = getattr(model.config, "_commit_hash", None) or snapshot or revision
     return model, preprocess, commit
 
 
-def _read_preprocessor_config(name_or_path: str, revision: str | None) -> dict[str, Any]:
+def _read_preprocessor_config(
+    name_or_path: str, revision: str | None, offline: str | None
+) -> tuple[dict[str, Any], str | None]:
+    """The checkpoint's preprocessor config, and for a hub id the commit of the cached snapshot it came from."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         path = local / PREPROCESSOR_CONFIG
@@ -344,14 +358,71 @@ def _read_preprocessor_config(name_or_path: str, revision: str | None) -> dict[s
             raise WeightsUnavailableError(
                 f"{path} not found: a SigLIP checkpoint directory needs its {PREPROCESSOR_CONFIG}"
             )
-        return json.loads(path.read_text())
-    from transformers.utils import cached_file
+        return json.loads(path.read_text()), None
+    from huggingface_hub import hf_hub_download
 
     try:
-        resolved = cached_file(name_or_path, PREPROCESSOR_CONFIG, revision=revision)
+        resolved = Path(hf_hub_download(name_or_path, PREPROCESSOR_CONFIG, revision=revision,
+                                        local_files_only=offline is not None))
     except (OSError, ValueError) as exc:
-        raise WeightsUnavailableError(_unavailable(name_or_path, exc)) from exc
-    return json.loads(Path(resolved).read_text())
+        raise WeightsUnavailableError(_unavailable(name_or_path, exc, offline)) from exc
+    # The cache keeps each download under snapshots/<commit>/.
+    snapshot = resolved.parent.name if resolved.parent.parent.name == "snapshots" else None
+    return json.loads(resolved.read_text()), snapshot
+
+
+def _hub_unavailable(repo_id: str, revision: str | None) -> str | None:
+    """Why a hub id must come from the local cache alone (offline mode, no answer from the hub), or None.
+
+    One HEAD request for the checkpoint's preprocessor config, with a short timeout and no retries, stands in for
+    the library's own (retried for about a minute when the hub cannot be reached). A hub that answers "no such
+    model" or "not allowed" ends it here with WeightsUnavailableError; any other answer lets the load go ahead.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    quoted = urllib.parse.quote(revision or "main", safe="")
+    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{quoted}/{PREPROCESSOR_CONFIG}"
+    request = urllib.request.Request(url, method="HEAD", headers=build_hf_headers())
+    opener = urllib.request.build_opener(_KeepRedirect)
+    try:
+        opener.open(request, timeout=HUB_PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError as exc:  # the hub answered
+        if exc.code in (401, 403, 404):
+            raise WeightsUnavailableError(_refused(repo_id, revision, exc)) from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):  # e.g. certificates this client lacks: leave it to the library
+            return None
+        return f"the hub at {constants.ENDPOINT} did not answer ({exc.reason})"
+    except OSError as exc:  # a timeout while reading, a reset connection
+        return f"the hub at {constants.ENDPOINT} did not answer ({type(exc).__name__}: {exc})"
+    return None
+
+
+class _KeepRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect (to the file store) already says the hub has the file: raise it as HTTPError, do not follow."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        return None
+
+
+def _refused(repo_id: str, revision: str | None, exc: urllib.error.HTTPError) -> str:
+    # The hub says why in X-Error-Code / X-Error-Message; without a token it answers 401 for unknown repos too.
+    why = exc.headers.get("X-Error-Message") or exc.headers.get("X-Error-Code") or exc.reason
+    at = f" at revision {revision!r}" if revision else ""
+    hint = ("check the id, or log in (`hf auth login` or HF_TOKEN) for a gated or private model"
+            if exc.code in (401, 403) else "check the id and the revision")
+    return (f"model.name_or_path={repo_id!r}{at}: the hub at {_endpoint()} refused it (HTTP {exc.code}: {why}); "
+            f"{hint}, or give a local checkpoint directory")
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def _check_local_path(name_or_path: str) -> None:
@@ -363,13 +434,18 @@ def _check_local_path(name_or_path: str) -> None:
         )
 
 
-def _unavailable(name_or_path: str, exc: BaseException) -> str:
+def _unavailable(name_or_path: str, exc: BaseException, offline: str | None = None) -> str:
+    download = (f"Download it where the hub is reachable (`hf download {name_or_path} --local-dir DIR`) and pass "
+                f"model.name_or_path=DIR, or use model=tiny for an offline demo")
+    if offline is not None:  # the library's message says only "not in the cached files": say why we did not ask
+        from huggingface_hub import constants
+
+        return (f"could not load SigLIP weights for {name_or_path!r}: not in the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}) and {offline}. {download}")
     reason = " ".join(str(exc).split())[:300]
     return (
         f"could not load SigLIP weights for {name_or_path!r} from a local directory, the Hugging Face "
-        f"cache or the hub ({type(exc).__name__}: {reason}). Download it where the hub is reachable "
-        f"(`hf download {name_or_path} --local-dir DIR`) and pass model.name_or_path=DIR, "
-        f"or use model=tiny for an offline demo"
+        f"cache or the hub ({type(exc).__name__}: {reason}). {download}"
     )
 
 

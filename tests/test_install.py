@@ -67,9 +67,9 @@ def run_module(target: Path, cwd: Path, module: str, *args: str) -> subprocess.C
 @pytest.mark.job
 def test_the_wheel_runs_embed_and_validate_from_any_directory(fresh, tmp_path):
     # Which copy of the package a plain import finds, and where it looks for the shipped folders.
-    where = subprocess.run([sys.executable, "-c", "import json, pipelines, pipelines.config as c; print(json.dumps("
-                            "[pipelines.__file__, c.CONF_DIR, c.repo_path('data/sample'), c.repo_path('out/x')]))"],
-                           check=False, cwd=tmp_path, env=fresh_env(fresh), capture_output=True, text=True,
+    probe = ("import json, pipelines, pipelines.config as c; print(json.dumps("
+             "[pipelines.__file__, c.CONF_DIR, c.repo_path('data/sample'), c.repo_path('out/x')]))")
+    where = subprocess.run([sys.executable, "-c", probe], check=False, cwd=tmp_path, env=fresh_env(fresh), capture_output=True, text=True,
                            timeout=120)
     assert where.returncode == 0, where.stderr
     module, conf, sample, output = map(Path, json.loads(where.stdout))

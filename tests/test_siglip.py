@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -147,3 +155,105 @@ def test_save_tiny_writes_a_hub_style_checkpoint(tmp_path):
     names = {p.name for p in directory.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= names
     assert json.loads((directory / "config.json").read_text())["model_type"] == "siglip"
+
+
+# ---------------------------------------------------------------- a hub id when the hub cannot be had
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def hub_env(tmp_path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT")}
+    return {**env, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
+
+
+def embed_default_model(tmp_path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.embed", f"output_dir={tmp_path / 'out'}"], check=False,
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, *expected: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "Retry" not in result.stdout + result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr
+
+
+@pytest.mark.job
+def test_offline_mode_without_the_model_is_one_line_at_once(tmp_path):
+    result = embed_default_model(tmp_path, hub_env(tmp_path, HF_HUB_OFFLINE="1"))
+    assert_one_line(result, "google/siglip-so400m-patch14-384", "offline mode is on (HF_HUB_OFFLINE)",
+                    str(tmp_path / "hf-home" / "hub"), "model.name_or_path=DIR")
+
+
+@pytest.mark.job
+def test_an_unreachable_hub_is_asked_once_without_retries(tmp_path):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    result = embed_default_model(tmp_path, hub_env(tmp_path, HF_ENDPOINT=endpoint))
+    assert_one_line(result, "google/siglip-so400m-patch14-384", f"the hub at {endpoint} did not answer",
+                    "model=tiny")
+
+
+@pytest.fixture
+def answering_hub() -> Iterator[tuple[str, list[str]]]:
+    """A local stand-in for the hub answering every request with the status in the path's first part (no model
+    has it), e.g. /404/name/resolve/main/x; yields its endpoint and the request lines it saw."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            seen.append(f"{self.command} {self.path}")
+            code = int(self.path.split("/")[1])
+            self.send_response(code)
+            self.send_header("X-Error-Code", {401: "GatedRepo", 404: "RepoNotFound"}.get(code, "Other"))
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("code, expected", [(404, "check the id and the revision"), (401, "hf auth login")])
+def test_a_hub_that_refuses_the_id_is_one_line(answering_hub, monkeypatch, tmp_path, code, expected):
+    import huggingface_hub.constants
+
+    endpoint, seen = answering_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_preprocess(f"{code}/no-such-model", revision="v1")
+    message = str(info.value)
+    assert "\n" not in message and f"HTTP {code}" in message and expected in message
+    assert f"'{code}/no-such-model' at revision 'v1'" in message
+    assert seen == [f"HEAD /{code}/no-such-model/resolve/v1/preprocessor_config.json"]  # once: no retries
+
+
+def test_a_cached_model_loads_when_the_hub_does_not_answer(tmp_path, tiny_checkpoint):
+    """A hub id in the Hugging Face cache (as a download leaves it) loads with the hub unreachable."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf-home" / "hub" / "models--someone--tiny-siglip"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    probe = "from pipelines.siglip import load_encoder; e = load_encoder('someone/tiny-siglip'); print(e.revision)"
+    env = hub_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
+    result = subprocess.run([sys.executable, "-c", probe], check=False, cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [commit] and "Retry" not in result.stderr
