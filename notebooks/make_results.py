@@ -22,7 +22,7 @@ images, and a 2-D projection (PCA) of the embeddings coloured by class.
 
 Set `EMBEDDINGS_DIR` to an embed job's `output_dir` (and `DATA_ROOT` to the dataset root it read, to see the
 images). Left at `None`, the notebook embeds `data/sample` with the tiny random model into a temporary folder
-and validates it: a demonstration of the plumbing, not of SigLIP's accuracy."""
+(deleted when the kernel stops) and validates it: a demonstration of the plumbing, not of SigLIP's accuracy."""
 
 PARAMETERS = """\
 EMBEDDINGS_DIR = None  # a pipelines.embed output_dir; None: embed data/sample with model=tiny into a temp folder
@@ -49,11 +49,14 @@ from pipelines.validate import REPORT, format_report, run_validate
 if EMBEDDINGS_DIR is None:
     from pipelines.embed import run_embed
 
-    EMBEDDINGS_DIR = Path(tempfile.mkdtemp()) / "sample-tiny"
+    # Removed when this kernel stops (TemporaryDirectory's finalizer), however far the notebook got.
+    demo_dir = tempfile.TemporaryDirectory(prefix="siglip-notebook-")
+    EMBEDDINGS_DIR = Path(demo_dir.name) / "sample-tiny"
     DATA_ROOT = REPO_ROOT / "data" / "sample"
     run_embed(root=DATA_ROOT, splits=["train", "valid"], output_dir=EMBEDDINGS_DIR, model="tiny", device="cpu",
               num_workers=0, progress=False)
 EMBEDDINGS_DIR = Path(EMBEDDINGS_DIR)
+print(f"embeddings: {EMBEDDINGS_DIR}")
 report_file = EMBEDDINGS_DIR / "validation" / REPORT
 if not report_file.exists():
     run_validate(embeddings_dir=EMBEDDINGS_DIR, dataset_root=DATA_ROOT)

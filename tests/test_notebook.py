@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -30,7 +31,8 @@ def test_notebook_matches_its_generator():
 
 @pytest.mark.job
 def test_notebook_executes_on_the_sample(tmp_path, monkeypatch):
-    """Embeds data/sample with the tiny model, validates, draws every figure; the kernel is this interpreter."""
+    """Embeds data/sample with the tiny model, validates, draws every figure, and leaves no temporary folder;
+    the kernel is this interpreter."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's temporary embeddings land here
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")  # no display: render with Agg
     nb = nbformat.read(NOTEBOOKS / "results.ipynb", as_version=4)
@@ -43,5 +45,8 @@ def test_notebook_executes_on_the_sample(tmp_path, monkeypatch):
     assert "top-1" in text and "worst classes by top-1" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # the saved per-class figure, the neighbour grid, the PCA scatter
-    assert (next(tmp_path.glob("*/sample-tiny/validation/report.json"))).exists()
+    # The demo's embeddings went to a temporary folder under TMPDIR, gone once the kernel stopped.
+    (embeddings,) = (Path(line.split(": ", 1)[1]) for line in text.splitlines() if line.startswith("embeddings: "))
+    assert embeddings.is_relative_to(tmp_path) and embeddings.name == "sample-tiny"
+    assert not embeddings.parent.exists() and not list(tmp_path.glob("siglip-notebook-*"))
     assert f"kernel: {sys.executable}" in text  # the project's interpreter, not whatever `python` is on PATH
