@@ -128,11 +128,13 @@ def list_files(root: Path, split: str, *, shard_index: int, shard_count: int) ->
     else:
         listed = Listed(data.list_split(root, split))
     listed.records = data.take_shard(listed.records, index=shard_index, count=shard_count)
-    for what, items in listed.notes().items():
-        if items:
-            log.warning("%s: %d %s not embedded: %s", split, len(items), what.replace("_", " "),
-                        ", ".join(items[:5]) + (", ..." if len(items) > 5 else ""))
-    return listed
+    return listed  # the listing has logged its notes
+
+
+# How the summary table words each listing note.
+NOTES = {"stray_files": "file(s) outside any class folder, not embedded",
+         "empty_classes": "empty class folder(s)",
+         "skipped_dirs": "folder(s) reached twice (symlink loop or duplicate link), walked once"}
 
 
 def run_embed(
@@ -153,18 +155,23 @@ def run_embed(
     progress: bool = True,
     runner: Callable[..., SplitStats] | None = None,
     compile: bool = False,
+    max_image_pixels: int | str | None = "auto",
 ) -> dict[str, Any]:
     """Embed `root/<split>/<class>/*` for each split into `output_dir/<split>/`; returns the summary.
 
     `runner` embeds one split: the local `pipelines.runner.embed_split` (None, the default) or another with the
     same keyword arguments, e.g. `pipelines.ray_runner.embed_split` with its settings bound. `compile`:
     torch.compile the model for `batch_size` (the last, smaller batch is padded, so nothing recompiles).
-    Settings, the device and the output folder are checked before the dataset is listed or the model loaded;
+    `max_image_pixels`: larger images are error records (checked from their header); None = no limit; "auto" =
+    the runner's default (PIL's decompression-bomb threshold). Settings, the device and the output folder are checked before the dataset is listed or the model loaded;
     the job holds `output_dir`'s lock for its shard until it returns.
     """
     check_settings(batch_size=batch_size, rows_per_part=rows_per_part, num_workers=num_workers,
                    shard_index=shard_index, shard_count=shard_count, dtype=dtype, device=device,
                    compile=compile, overwrite=overwrite, progress=progress)
+    if max_image_pixels not in ("auto", None) and (not _is_int(max_image_pixels) or max_image_pixels < 1):
+        raise UserError(f"max_image_pixels={_show(max_image_pixels)}: expected a whole number of at least 1, "
+                        "or null for no limit")
     root, output_dir = Path(root), Path(output_dir)
     if overwrite and shard_count > 1:
         raise UserError("overwrite=true with shard.count > 1 would let shards delete each other's work; "
@@ -174,17 +181,21 @@ def run_embed(
     if overwrite:
         store.check_overwrite(output_dir, protected=[root])
     check_output_dir(output_dir)
-    with store.lock_output(output_dir, shard_index=shard_index, shard_count=shard_count):
+    lock = store.lock_output(output_dir, shard_index=shard_index, shard_count=shard_count)
+    try:
         return _run_locked(root=root, splits=splits, output_dir=output_dir, model=model, revision=revision,
                            device=device, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
                            rows_per_part=rows_per_part, shard_index=shard_index, shard_count=shard_count,
-                           overwrite=overwrite, progress=progress, runner=runner, compile=compile)
+                           overwrite=overwrite, progress=progress, runner=runner, compile=compile,
+                           limits={} if max_image_pixels == "auto" else {"max_pixels": max_image_pixels})
+    finally:
+        lock.release()
 
 
 def _run_locked(*, root: Path, splits: list[str], output_dir: Path, model: str, revision: str | None, device: str,
                 dtype: str, batch_size: int, num_workers: int | str, rows_per_part: int, shard_index: int,
                 shard_count: int, overwrite: bool, progress: bool, runner: Callable[..., SplitStats] | None,
-                compile: bool) -> dict[str, Any]:
+                compile: bool, limits: dict[str, Any]) -> dict[str, Any]:
     from pipelines.runner import default_workers, embed_split
     from pipelines.siglip import load_encoder
 
@@ -203,7 +214,8 @@ def _run_locked(*, root: Path, splits: list[str], output_dir: Path, model: str, 
     try:
         return _embed_splits(listings, encoder=encoder, root=root, output_dir=output_dir, runner=runner,
                              batch_size=batch_size, workers=workers, rows_per_part=rows_per_part, prefix=prefix,
-                             progress=progress, shard_index=shard_index, shard_count=shard_count, compile=compile)
+                             progress=progress, shard_index=shard_index, shard_count=shard_count, compile=compile,
+                             **limits)
     except KeyboardInterrupt as exc:
         # The runner has flushed what it had embedded (write_split); say how much, then exit 130 / 143.
         raise Interrupted(getattr(exc, "signum", 2), _saved_message(output_dir, before, prefix)) from None
@@ -287,7 +299,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         for what, items in notes.items():
             if items:
                 shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
-                lines.append(f"{split}: {len(items)} {what.replace('_', ' ')} not embedded ({shown})")
+                lines.append(f"{split}: {len(items)} {NOTES.get(what, what)}: {shown}")
     return "\n".join(lines)
 
 
@@ -311,6 +323,7 @@ def main(cfg: DictConfig) -> None:
         progress=cfg.progress,
         runner=instantiate(cfg.runner, _convert_="all"),
         compile=cfg.compile,
+        max_image_pixels=cfg.get("max_image_pixels", "auto"),
     )
     print(format_summary(summary))
     log.debug("summary %s", json.dumps(summary))

@@ -338,7 +338,7 @@ def check_unique(paths: Sequence[str], *, where: str) -> None:
     if twice:
         extra = sum(counts[p] - 1 for p in twice)
         raise CorruptPartError(f"{where} holds {len(twice)} path(s) more than once ({extra} duplicate rows, e.g. "
-                               f"{sorted(twice)[0]}); two jobs wrote into it at once: embed it again with "
+                               f"{min(twice)}); two jobs wrote into it at once: embed it again with "
                                "overwrite=true")
 
 
@@ -405,12 +405,6 @@ class OutputLock:
             with contextlib.suppress(OSError):
                 os.close(fd)  # closing the last descriptor drops the flock
         self.fds = []
-
-    def __enter__(self) -> OutputLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _open_lock(path: Path) -> int:

@@ -37,7 +37,7 @@ def embed_args(out: Path, *extra: str) -> list[str]:
 
 
 def embed_cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(embed_args(out, *extra), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    return subprocess.run(embed_args(out, *extra), check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=env)
 
 
@@ -47,8 +47,8 @@ def start_job(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def run(root: Path, out: Path, **kwargs) -> dict:
-    settings = dict(splits=["train", "valid"], num_workers=0, batch_size=8, progress=False, model="tiny",
-                    device="cpu")
+    settings = {"splits": ["train", "valid"], "num_workers": 0, "batch_size": 8, "progress": False, "model": "tiny",
+                "device": "cpu"}
     return run_embed(root=root, output_dir=out, **{**settings, **kwargs})
 
 
@@ -106,7 +106,7 @@ def mount_tmpfs(folder: Path, options: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=False,
                           capture_output=True, timeout=30).returncode == 0
 
 
@@ -192,12 +192,13 @@ def test_cli_overwrite_refusal_is_one_line(tmp_path, dataset):
 
 def test_lock_refuses_a_second_writer_in_process(tmp_path):
     out = tmp_path / "out"
-    with store.lock_output(out, shard_index=0, shard_count=2):
-        with pytest.raises(store.OutputBusyError, match=f"shard 0 of 2 is being written .*pid {os.getpid()}"):
-            store.lock_output(out, shard_index=0, shard_count=2)
-        with pytest.raises(store.OutputBusyError, match=f"job with shard.count=2 \\(pid {os.getpid()}\\)"):
-            store.lock_output(out, shard_index=0, shard_count=3)
-        store.lock_output(out, shard_index=1, shard_count=2).release()  # another shard: side by side
+    held = store.lock_output(out, shard_index=0, shard_count=2)
+    with pytest.raises(store.OutputBusyError, match=f"shard 0 of 2 is being written .*pid {os.getpid()}"):
+        store.lock_output(out, shard_index=0, shard_count=2)
+    with pytest.raises(store.OutputBusyError, match=f"job with shard.count=2 \\(pid {os.getpid()}\\)"):
+        store.lock_output(out, shard_index=0, shard_count=3)
+    store.lock_output(out, shard_index=1, shard_count=2).release()  # another shard: side by side
+    held.release()
     store.lock_output(out, shard_index=0, shard_count=3).release()  # released: free again
     assert all(p.name.startswith(".") for p in out.iterdir())  # hidden: Parquet readers skip them
 
@@ -248,7 +249,7 @@ def test_validate_refuses_a_split_holding_a_path_twice(tmp_path, dataset):
     message = "holds 7 path(s) more than once (7 duplicate rows, e.g. valid/"
     with pytest.raises(store.CorruptPartError, match=re.escape(message)):
         run_validate(embeddings_dir=out, train_split="valid", query_split="valid")
-    result = subprocess.run([sys.executable, "-m", "pipelines.validate", f"embeddings_dir={out}", "train_split=valid"],
+    result = subprocess.run([sys.executable, "-m", "pipelines.validate", f"embeddings_dir={out}", "train_split=valid"], check=False,
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert one_line_error(result).startswith(f"error: {out / 'valid'} {message}")
 
@@ -269,6 +270,7 @@ def test_validate_refuses_a_split_holding_a_path_twice(tmp_path, dataset):
     ({"device": "gpu"}, "device='gpu': expected auto, cpu, cuda, cuda:N or mps"),
     ({"shard_index": 2, "shard_count": 2}, r"shard.index=2: expected 0 to 1 \(shard.count=2\)"),
     ({"shard_count": 0}, "shard.count=0: expected a whole number of at least 1"),
+    ({"max_image_pixels": 0}, "max_image_pixels=0: expected a whole number of at least 1, or null for no limit"),
 ])
 def test_bad_settings_are_refused_before_anything_is_loaded(tmp_path, setting, message):
     missing = tmp_path / "no-dataset"  # listing it would fail: the settings are checked first
@@ -431,7 +433,7 @@ def test_interrupt_saves_rows_and_the_rerun_resumes(tmp_path, sig, to_group, rc)
             os.killpg(job.pid, sig)  # Ctrl-C in a terminal: the whole foreground group, workers included
         else:
             job.send_signal(sig)  # kill PID
-    stdout, stderr = job.communicate(timeout=300)
+    _, stderr = job.communicate(timeout=300)
     assert job.returncode == rc, stderr[-3000:]
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) <= 3, stderr[-3000:]
     saved = all_paths(out, ["train"])
@@ -439,7 +441,7 @@ def test_interrupt_saves_rows_and_the_rerun_resumes(tmp_path, sig, to_group, rc)
     assert line == (f"interrupted ({signal.Signals(sig).name}): {len(saved)} newly embedded rows saved in {out}; "
                     "rerun the same command to resume (nothing is embedded twice)")
     assert 0 < len(saved) < 100 and len(saved) == len(set(saved))
-    again = subprocess.run(embed_args(out, *args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(embed_args(out, *args), check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     paths = all_paths(out, ["train"])
     assert sorted(paths) == [r.path for r in list_split(SAMPLE, "train")]
@@ -479,7 +481,7 @@ def test_multirun_writes_under_outputs_not_the_working_directory(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.embed", "-m", "model=tiny", "progress=false", "splits=[valid]",
          "output_dir=emb", "shard.count=2", "shard.index=0,1", "num_workers=0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "multirun.yaml").exists() and not (tmp_path / "multirun").exists()
     assert len(list((tmp_path / "outputs" / "multirun").glob("*/multirun.yaml"))) == 1
@@ -489,9 +491,9 @@ def test_multirun_writes_under_outputs_not_the_working_directory(tmp_path):
 def test_entry_points_import_no_heavy_library_and_print_their_config():
     heavy = ("torch", "transformers", "sklearn", "matplotlib", "pandas", "torchvision")
     code = f"import sys, pipelines.embed, pipelines.validate; print([m for m in {heavy!r} if m in sys.modules])"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
     for entry, key in (("embed", "rows_per_part"), ("validate", "embeddings_dir")):
-        shown = subprocess.run([sys.executable, "-m", f"pipelines.{entry}", "--cfg", "job"], cwd=REPO_ROOT,
+        shown = subprocess.run([sys.executable, "-m", f"pipelines.{entry}", "--cfg", "job"], check=False, cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=120)
         assert shown.returncode == 0 and f"{key}:" in shown.stdout, shown.stderr
