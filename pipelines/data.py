@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import signal
+import threading
 import warnings
 import zlib
 from collections import defaultdict
@@ -32,6 +33,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 # PIL's decompression-bomb threshold (about 89.5 megapixels): the default pixel limit of `decode`.
 DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89478485
+_PIL_LIMIT_LOCK = threading.Lock()
 # ISO base media files (AVIF, HEIC) carry "ftyp" at offset 4; torchvision may read those where PIL cannot.
 _ISO_BMFF_AT = (4, b"ftyp")
 
@@ -178,15 +180,11 @@ def decode(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch
 
 def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
-            pil = Image.open(io.BytesIO(data))
+        pil = open_header(data)
     except UnidentifiedImageError as exc:
         if data[_ISO_BMFF_AT[0]:_ISO_BMFF_AT[0] + 4] == _ISO_BMFF_AT[1]:
             return _decode_torchvision(data, max_pixels)
         raise DecodeError("not an image (no format PIL or torchvision reads)") from exc
-    except Image.DecompressionBombError as exc:
-        raise DecodeError(f"too large: {exc} (raise PIL.Image.MAX_IMAGE_PIXELS as well)") from exc
     with pil:
         width, height = pil.size
         check_size(width, height, max_pixels)
@@ -197,6 +195,22 @@ def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
             except RuntimeError:
                 pass  # CMYK with an unusual transform, arithmetic coding, ...: PIL below, or its error
         return pil_to_tensor(pil)
+
+
+def open_header(data: bytes) -> Image.Image:
+    """PIL's lazy open (format, mode, size; no pixels read), without PIL's own bomb check: `check_size` is ours."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            pass  # above twice PIL's threshold: open again unchecked to learn the size
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def check_size(width: int, height: int, max_pixels: int | None) -> None:
@@ -340,9 +354,9 @@ class EncodedImageDataset(ImageFolderDataset):
         """JPEG bytes -> themselves as uint8 [n]; any other format -> uint8 [3, H, W], decoded and resized."""
         if data.startswith(JPEG_MAGIC):
             try:
-                with Image.open(io.BytesIO(data)) as pil:  # the header only: the pixel limit holds on the device too
+                with open_header(data) as pil:  # the header only: the pixel limit holds on the device too
                     check_size(*pil.size, self.max_pixels)
-            except (OSError, Image.DecompressionBombError):
+            except OSError:
                 pass  # a JPEG PIL cannot parse: the device decoder, then `decode`, give the reason
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return super().load(data)

@@ -1,8 +1,9 @@
 """The Ray runner: Ray Data decodes on CPU tasks, an actor pool runs the encoder, the driver writes parts.
 
 A drop-in for `pipelines.runner.embed_split` (same keyword arguments, plus the Ray settings that
-`conf/runner/ray.yaml` binds). It reuses the core stages unchanged: the same records, `ImageFolderDataset`
-decoding and `Preprocess.resize` in the CPU tasks, `load_encoder` + `Encoder.embed_uint8` in the actors, and
+`conf/runner/ray.yaml` binds). It reuses the core stages unchanged: the same records, `decode` and
+`Preprocess.resize` in the CPU tasks (in a child process each, `IsolatedDecoder`, so a crashing file is an error
+record, not a dead task), `load_encoder` + `Encoder.embed_uint8` in the actors, and
 the local runner's `PartWriter` and errors file on the driver. Every part is written by the driver, so parts
 stay atomic and a rerun resumes from `store.done_paths` exactly as after a local run (docs/scale-out.md).
 Ray is an optional extra (`.[ray]`), so it is imported inside the functions that use it.
@@ -24,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from pipelines import store
-from pipelines.data import ImageFolderDataset, ImageRecord, worker_init
+from pipelines.data import DEFAULT_MAX_PIXELS, ImageRecord
+from pipelines.isolate import IsolatedDecoder
 from pipelines.runner import PartWriter, SplitStats, record_errors, start_split, write_split
 from pipelines.siglip import Encoder, Preprocess, load_encoder
 
@@ -59,8 +61,13 @@ def embed_split(
     num_cpus: int | None = None,
     object_store_memory: int | None = None,
     log_to_driver: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> SplitStats:
     """Embed the records not yet in `output_dir/split` on Ray; errors go to its errors file.
+
+    `max_pixels`: larger images are error records ("too large: WxH"), refused from their header. The decode
+    tasks decode in a child process of their worker (`IsolatedDecoder`), so a file that crashes the decoder is
+    an error record ("decoder crashed (signal 11)"), not a dead task.
 
     `num_workers` is unused: Ray runs decode tasks on every CPU of the cluster the actors leave free.
     `address`, `num_cpus`, `object_store_memory`, `log_to_driver` go to `connect`.
@@ -74,7 +81,7 @@ def embed_split(
     log.info("%s: %d images on Ray, %d encoder actor(s) with %s GPU and %s CPU each",
              split, len(todo), actors, gpus, num_cpus_per_actor)
     dataset = build_dataset(todo, root=root, encoder=encoder, batch_size=batch_size, num_actors=actors,
-                            num_gpus_per_actor=gpus, num_cpus_per_actor=num_cpus_per_actor)
+                            num_gpus_per_actor=gpus, num_cpus_per_actor=num_cpus_per_actor, max_pixels=max_pixels)
     return write_split(
         split_dir, stats, len(todo), metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix,
         progress=progress, fill=lambda writer, bar: _drain(dataset, writer, split_dir, stats, bar),
@@ -132,7 +139,7 @@ def resolve_actors(
 
 def build_dataset(
     records: list[ImageRecord], *, root: Path, encoder: Encoder, batch_size: int, num_actors: int,
-    num_gpus_per_actor: float, num_cpus_per_actor: float,
+    num_gpus_per_actor: float, num_cpus_per_actor: float, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ):
     """The lazy pipeline: listing blocks -> decode + resize (CPU tasks) -> embed (actor pool).
 
@@ -152,7 +159,7 @@ def build_dataset(
         # Also keeps Ray from fusing the decode into the actors (it fuses equal resource requests only), which
         # would serialise decoding behind the model.
         memory=DECODE_BASE_MEMORY + DECODE_MEMORY_FACTOR * batch_size * pixels,
-        fn_kwargs={"root": str(root), "preprocess": encoder.preprocess},
+        fn_kwargs={"root": str(root), "preprocess": encoder.preprocess, "max_pixels": max_pixels},
     )
     return decoded.map_batches(
         EmbedActor, batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=num_actors),
@@ -169,22 +176,40 @@ def _rows_per_task(rows: int, batch_size: int, cpus: int) -> int:
     return max(batch_size, min(MAX_ROWS_PER_TASK, math.ceil(rows / (TASKS_PER_CPU * max(1, cpus)))))
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, root: str, preprocess: Preprocess) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, root: str, preprocess: Preprocess,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
     """{path, label} [B] -> the same plus pixels uint8 [B, 3, H, W] (zeros on failure) and error [B] ('' if none).
 
-    Each row goes through `ImageFolderDataset`, so the pixels and the error texts are the local runner's.
+    Files are read here and decoded + resized by this worker's `IsolatedDecoder` (one child process per
+    worker, kept between tasks): the pixels are the local runner's, and so are the error texts.
     """
-    worker_init(0)
-    records = [ImageRecord(str(p), str(label)) for p, label in zip(batch["path"], batch["label"])]
-    dataset = ImageFolderDataset(root, records, preprocess)
-    pixels = np.zeros((len(records), 3, preprocess.height, preprocess.width), np.uint8)
-    errors = []
-    for i in range(len(records)):
-        item = dataset[i]
-        if item["error"] is None:
-            pixels[i] = item["pixels"].numpy()
-        errors.append(item["error"] or "")
+    paths = [str(p) for p in batch["path"]]
+    pixels = np.zeros((len(paths), 3, preprocess.height, preprocess.width), np.uint8)
+    errors = [""] * len(paths)
+    blobs: dict[int, bytes] = {}
+    for i, path in enumerate(paths):
+        try:
+            blobs[i] = (Path(root) / path).read_bytes()
+        except OSError as exc:
+            errors[i] = f"{type(exc).__name__}: {exc}"
+    decoded = _decoder(preprocess, max_pixels).decode_many(list(blobs.values()))
+    for i, result in zip(blobs, decoded):
+        if isinstance(result, Exception):
+            errors[i] = f"{type(result).__name__}: {result}"
+        else:
+            pixels[i] = result.numpy()
     return {"path": batch["path"], "label": batch["label"], "pixels": pixels, "error": np.array(errors, object)}
+
+
+_DECODERS: dict[str, IsolatedDecoder] = {}
+
+
+def _decoder(preprocess: Preprocess, max_pixels: int | None) -> IsolatedDecoder:
+    """This worker process's decoder child for these settings, started on first use (it exits with us)."""
+    key = repr((preprocess, max_pixels))
+    if key not in _DECODERS:
+        _DECODERS[key] = IsolatedDecoder(preprocess, max_pixels=max_pixels)
+    return _DECODERS[key]
 
 
 class EmbedActor:

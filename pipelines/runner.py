@@ -374,14 +374,16 @@ def _loop(loader, encoder: Encoder, records: list[ImageRecord], writer: PartWrit
             loaded = next(iterator)
         except StopIteration:
             break
-        except RuntimeError as exc:
-            if not (match := _DEAD_WORKER.search(str(exc))):
+        except (RuntimeError, EOFError, ConnectionError) as exc:
+            pids = _dead_workers(iterator, exc)
+            if not pids:
                 raise
             if pending is not None:
                 _finish(pending, records, writer, stats)
-            pids = {int(p) for p in match.group(1).replace(",", " ").split()}
             getattr(iterator, "_shutdown_workers", lambda: None)()  # the others stop now, not at collection
-            raise WorkerDied(" ".join(str(exc).split()), pids, handled) from exc
+            message = " ".join(str(exc).split()) if isinstance(exc, RuntimeError) else \
+                f"DataLoader worker (pid(s) {', '.join(map(str, sorted(pids)))}) died"
+            raise WorkerDied(message, pids, handled) from exc
         stats.read_s += time.perf_counter() - tick
         if not stats.first_batch_s:
             stats.first_batch_s = time.perf_counter() - start
@@ -401,6 +403,25 @@ def _loop(loader, encoder: Encoder, records: list[ImageRecord], writer: PartWrit
         tick = time.perf_counter()
         _finish(pending, records, writer, stats)
         stats.model_s += time.perf_counter() - tick
+
+
+def _dead_workers(iterator: Any, exc: BaseException, *, wait_s: float = 30.0) -> set[int]:
+    """The pids of the loader's dead workers if `exc` comes from one dying, else an empty set.
+
+    The loader says so itself ("DataLoader worker (pid 123) ... exited"); but a worker that dies just after
+    queueing a batch also fails that batch's transfer (its tensors' file descriptors are fetched from the
+    worker): an EOFError or a refused connection, raised while the worker may still be exiting.
+    """
+    if isinstance(exc, RuntimeError):
+        match = _DEAD_WORKER.search(str(exc))
+        return {int(p) for p in match.group(1).replace(",", " ").split()} if match else set()
+    workers = list(getattr(iterator, "_workers", []))
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = {w.pid for w in workers if not w.is_alive()}
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.1)
 
 
 def _no_async_worker_errors() -> None:
