@@ -22,3 +22,5 @@ PARAM_REVISION = "revision"
 PARAM_DTYPE = "dtype"
 PARAM_DEVICE = "device"
 PARAM_THREADS = "num_threads"
+# embed_image: the largest image (width x height, from its header) it decodes; larger files get a 400.
+PARAM_MAX_PIXELS = "max_pixels"

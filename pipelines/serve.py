@@ -33,10 +33,11 @@ def run_serve(
     http_port: int = 8000,
     grpc_port: int = 8001,
     metrics_port: int | None = None,
-    address: str = "0.0.0.0",
+    address: str = "127.0.0.1",
     max_batch_size: int = 64,
     max_queue_delay_us: int = 2000,
     decode_instances: int = 1,
+    max_pixels: int = 25_000_000,
     shm_default_mb: int = 16,
     shm_growth_mb: int = 16,
     tritonserver: str = "auto",
@@ -45,12 +46,16 @@ def run_serve(
     exit_timeout_s: int = 5,
     echo_log: bool = True,
 ) -> None:
-    """Start the server, wait until every model is ready, log the URLs, serve until SIGINT / SIGTERM, stop."""
+    """Start the server, wait until every model is ready, log the URLs, serve until SIGINT / SIGTERM, stop.
+
+    While it serves, a model whose backend stub dies is reloaded (see `triton.StubWatchdog`).
+    """
     if Path(model).expanduser().is_dir():  # the model instances run in other processes: no relative paths
         model = str(Path(model).expanduser().resolve())
     options = triton.ModelOptions(
         name_or_path=model, revision=revision, dtype=dtype, device=device, num_threads=str(num_threads),
         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, decode_instances=decode_instances,
+        max_pixels=max_pixels,
     )
     triton.check_shm(max_batch_size=max_batch_size)
     temporary = run_dir is None
@@ -63,7 +68,7 @@ def run_serve(
             run_dir=run_dir, repository=Path(repository), options=options, tritonserver=tritonserver,
             http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, address=address,
             shm_default_mb=shm_default_mb, shm_growth_mb=shm_growth_mb, exit_timeout_s=exit_timeout_s,
-            echo=echo_log,
+            load_timeout_s=ready_timeout_s, echo=echo_log,
         )
         with server:
             _serve(server, ready_timeout_s)
@@ -83,6 +88,10 @@ def _serve(server: triton.TritonServer, ready_timeout_s: float) -> None:
              "http://%s/v2/models/<model>/infer; Ctrl-C stops it", server.process.pid,
              time.monotonic() - start, server.http_url, server.grpc_url, ", ".join(names.MODELS), server.http_url)
     while server.returncode() is None:
+        if server.restart_needed.is_set():  # a crashed stub Triton could not let go of: a new server process
+            start = time.monotonic()
+            server.restart()
+            log.info("tritonserver restarted (pid %d), ready in %.1f s", server.process.pid, time.monotonic() - start)
         time.sleep(0.5)
     raise triton.ServerError(f"tritonserver exited on its own with status {server.returncode()}"
                              f"{server.log_tail()}")
@@ -112,6 +121,7 @@ def main(cfg: DictConfig) -> None:
         max_batch_size=cfg.max_batch_size,
         max_queue_delay_us=cfg.max_queue_delay_us,
         decode_instances=cfg.decode_instances,
+        max_pixels=cfg.max_pixels,
         shm_default_mb=cfg.shm_default_mb,
         shm_growth_mb=cfg.shm_growth_mb,
         tritonserver=cfg.tritonserver,

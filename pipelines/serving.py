@@ -7,6 +7,7 @@ neither Triton nor its Python backend, so it is unit-tested directly.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,19 +15,24 @@ import numpy as np
 import torch
 
 from pipelines import names
-from pipelines.data import DecodeError, decode
-from pipelines.siglip import Preprocess
+from pipelines.data import DecodeError
+
+# embed_image's default pixel limit, below the embed job's (PIL's 89.5 Mpx): a server takes files from anyone,
+# and 25 Mpx (e.g. 6000x4000, a 24 Mpx camera) is 75 MB decoded.
+DEFAULT_MAX_PIXELS = 25_000_000
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """What a model instance loads: checkpoint, revision, dtype name, torch device, and its CPU threads."""
+    """What a model instance loads: checkpoint, revision, dtype name, torch device, its CPU threads, and the
+    largest image (pixels) embed_image decodes."""
 
     name_or_path: str
     revision: str | None
     dtype: str
     device: str
     num_threads: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def model_settings(model_config: dict[str, Any], *, instance_kind: str, device_id: int) -> ModelSettings:
@@ -47,6 +53,7 @@ def model_settings(model_config: dict[str, Any], *, instance_kind: str, device_i
         dtype=params.get(names.PARAM_DTYPE, "auto"),
         device=device,
         num_threads=resolve_threads(params.get(names.PARAM_THREADS, "auto")),
+        max_pixels=resolve_max_pixels(params.get(names.PARAM_MAX_PIXELS, str(DEFAULT_MAX_PIXELS))),
     )
 
 
@@ -60,20 +67,49 @@ def resolve_threads(value: str | int) -> int:
     return threads
 
 
-def decode_images(blobs: np.ndarray, preprocess: Preprocess) -> torch.Tensor:
-    """BYTES [n] or [n, 1] encoded images -> uint8 [n, 3, H, W], decoded and resized as `pipelines.embed` does.
+def resolve_max_pixels(value: str | int) -> int:
+    """The `max_pixels` parameter -> a positive int; ValueError naming the value otherwise."""
+    try:
+        pixels = int(value)
+    except ValueError:
+        pixels = 0
+    if pixels < 1:
+        raise ValueError(f"{names.PARAM_MAX_PIXELS}={value!r}: expected a positive number of pixels")
+    return pixels
 
-    Raises DecodeError naming the row of the first image that cannot be decoded.
+
+DecodeMany = Callable[[list[bytes]], list["torch.Tensor | DecodeError"]]
+
+
+def decode_requests(requests: Sequence[np.ndarray], decode_many: DecodeMany) -> list[torch.Tensor | DecodeError]:
+    """Per request BYTES [n, 1] (or [n]) -> uint8 [n, 3, H, W], or a DecodeError naming each bad row and why.
+
+    All rows of all requests go to `decode_many` (e.g. `IsolatedDecoder.decode_many`: decode + resize in a
+    child process) in one call; a bad row fails its own request, and no other.
     """
-    if blobs.size == 0:
-        raise DecodeError(f"{names.IMAGE} holds no image")
-    images = []
-    for row, blob in enumerate(blobs.reshape(-1)):
-        try:
-            images.append(preprocess.resize(decode(bytes(blob))))
-        except DecodeError as exc:
-            raise DecodeError(f"{names.IMAGE}[{row}]: {exc}") from exc
-    return torch.stack(images)
+    rows = [[bytes(blob) for blob in blobs.reshape(-1)] for blobs in requests]
+    decoded = iter(decode_many([blob for request in rows for blob in request]))
+    results: list[torch.Tensor | DecodeError] = []
+    for request in rows:
+        images = [next(decoded) for _ in request]
+        bad = [f"{names.IMAGE}[{row}]: {image}" for row, image in enumerate(images) if isinstance(image, Exception)]
+        if not request:
+            results.append(DecodeError(f"{names.IMAGE} holds no image"))
+        elif bad:
+            results.append(DecodeError("; ".join(bad)))
+        else:
+            results.append(torch.stack(images))
+    return results
+
+
+def non_finite_rows(pixels: np.ndarray) -> str | None:
+    """float32 [n, 3, H, W] -> None when every value is finite, else a message naming the rows with NaN/inf."""
+    finite = np.isfinite(pixels.reshape(len(pixels), -1)).all(axis=1)
+    if finite.all():
+        return None
+    rows = np.flatnonzero(~finite)
+    named = ", ".join(f"{names.PIXEL_VALUES}[{row}]" for row in rows[:8]) + (" ..." if len(rows) > 8 else "")
+    return f"{named}: pixel values must be finite (found NaN or inf)"
 
 
 def split_rows(embeddings: np.ndarray, sizes: list[int]) -> list[np.ndarray]:

@@ -3,6 +3,8 @@ perf_analyzer's libraries, and the launcher's life cycle (ready, stopped by SIGT
 
 from __future__ import annotations
 
+import inspect
+import re
 import signal
 import socket
 import subprocess
@@ -33,7 +35,8 @@ def kind(config) -> str:
 def test_render_writes_the_settings_into_both_configs(tmp_path):
     before = {m: (SERVING / m / "config.pbtxt").read_text() for m in names.MODELS}
     configs = rendered(tmp_path, name_or_path="/models/so400m", revision="abc", dtype="float16", device="cpu",
-                       num_threads="2", max_batch_size=8, max_queue_delay_us=500, decode_instances=3)
+                       num_threads="2", max_batch_size=8, max_queue_delay_us=500, decode_instances=3,
+                       max_pixels=1234)
     for model, config in configs.items():
         assert config.parameters[names.PARAM_MODEL].string_value == "/models/so400m"
         assert config.parameters[names.PARAM_REVISION].string_value == "abc"
@@ -45,6 +48,7 @@ def test_render_writes_the_settings_into_both_configs(tmp_path):
     assert siglip.parameters[names.PARAM_THREADS].string_value == "2"
     assert kind(siglip) == "KIND_CPU"
     assert kind(embed_image) == "KIND_CPU" and embed_image.instance_group[0].count == 3
+    assert embed_image.parameters[names.PARAM_MAX_PIXELS].string_value == "1234"
     assert before == {m: (SERVING / m / "config.pbtxt").read_text() for m in names.MODELS}
 
 
@@ -58,6 +62,34 @@ def test_render_places_siglip_on_the_device(tmp_path, device, expected, gpus):
 def test_render_refuses_an_unknown_device(tmp_path):
     with pytest.raises(triton.ServerError, match="device='tpu'"):
         rendered(tmp_path, name_or_path="tiny", device="tpu")
+    with pytest.raises(triton.ServerError, match="max_pixels=0"):
+        rendered(tmp_path, name_or_path="tiny", max_pixels=0)
+
+
+def test_the_server_listens_on_this_machine_only_by_default(tmp_path, compose_cfg):
+    assert compose_cfg("serve").address == "127.0.0.1"
+    assert inspect.signature(run_serve).parameters["address"].default == "127.0.0.1"
+    server = triton.TritonServer(install=triton.find_install("auto", tmp_path), repository=tmp_path,
+                                 log_path=tmp_path / "log", metrics_port=8002)
+    command = server.command()
+    for flag in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert f"{flag}=127.0.0.1" in command
+    # Model control is on (the launcher reloads crashed models) and answers only requests with the token.
+    assert "--model-control-mode=explicit" in command
+    restricted = f"model-repository:{triton.CONTROL_HEADER}={server.control_token}"
+    assert f"--http-restricted-api={restricted}" in command and f"--grpc-restricted-protocol={restricted}" in command
+    assert len(server.control_token) >= 32 and server.control_token != triton.TritonServer(
+        install=server.install, repository=tmp_path, log_path=tmp_path / "log").control_token
+
+
+def test_the_entry_point_starts_without_torch():
+    code = ("import sys, pipelines.serve; heavy = {'torch', 'tritonclient'} & set(sys.modules); "
+            "print(sorted(heavy)); sys.exit(bool(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    shown = subprocess.run([sys.executable, "-m", "pipelines.serve", "--cfg", "job"], check=False, cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "address: 127.0.0.1" in shown.stdout, shown.stderr
 
 
 def test_bundled_install_lays_out_the_python_backend(tmp_path):
@@ -109,17 +141,26 @@ def test_configs_compose(compose_cfg):
 @pytest.mark.server
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_launcher_stops_the_server_and_leaves_nothing(tmp_path, tiny_checkpoint, sig):
-    launched = launch(tmp_path, *server_args(tiny_checkpoint))
+    launched = launch(tmp_path, *server_args(tiny_checkpoint), echo=True)
     try:
         processes = session_processes(launched.server_pid)
         assert launched.server_pid in processes and len(processes) >= 3  # tritonserver and one stub per model
+        regions = [Path("/dev/shm") / stub.shm_region for stub in triton.list_stubs(launched.server_pid)]
+        assert len(regions) == 2 and all(region.exists() for region in regions)
         assert requests.get(f"http://localhost:{launched.http_port}/v2/health/ready").status_code == 200
     finally:
         code = launched.stop(sig)
         left = session_processes(launched.server_pid)
-    assert code == 0, launched.output.read_text()
+    output, log = launched.output.read_text(), (tmp_path / "run" / "tritonserver.log").read_text()
+    assert code == 0, output
     assert left == [] and not triton.port_in_use("127.0.0.1", launched.http_port)
-    assert "stopped" in launched.output.read_text()
+    assert not [region for region in regions if region.exists()]  # the stubs' shared memory is released
+    assert "stopped" in output and "successfully unloaded 'siglip'" in log
+    # A normal start and stop echo no Triton error line: the harmless ones stay in the log file only.
+    assert not re.findall(r"^E\d{4} .*", output, flags=re.MULTILINE)
+    assert "Exit timeout expired" not in log
+    for harmless in triton.HARMLESS:
+        assert harmless not in output
 
 
 @pytest.mark.server

@@ -1,17 +1,24 @@
 """Triton model `embed_image`: BYTES [B, 1] encoded images -> FP32 embeddings [B, D], through `siglip` (BLS).
 
 Decoding and resizing are `pipelines.data.decode` + `Preprocess.resize`, then `Preprocess.normalize`, as in
-`python -m pipelines.embed`, so a file gets the same embedding online and offline. An image that cannot be
-decoded fails its own request (400) and no other.
+`python -m pipelines.embed`, so a file gets the same embedding online and offline. They run in a child process
+(`pipelines.isolate.IsolatedDecoder`): a file that crashes a decoder, is larger than `max_pixels` or cannot be
+decoded fails its own request (400) and no other, and this process lives on.
 """
 
 import json
+import os
+import sys
 
 import torch
 import triton_python_backend_utils as pb_utils
 
+# Triton's Python backend stub ignores PYTHONPATH; honour it as any Python does, so that this model imports the
+# same `pipelines` as the launcher (e.g. one installed with `pip install --target DIR`, PYTHONPATH=DIR).
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+
 from pipelines import names, serving
-from pipelines.data import DecodeError
+from pipelines.isolate import IsolatedDecoder
 from pipelines.siglip import load_preprocess
 
 
@@ -21,26 +28,24 @@ class TritonPythonModel:
         settings = serving.model_settings(config, instance_kind=args["model_instance_kind"], device_id=0)
         torch.set_num_threads(settings.num_threads)
         self.preprocess = load_preprocess(settings.name_or_path, revision=settings.revision)
+        self.decoder = IsolatedDecoder(self.preprocess, max_pixels=settings.max_pixels)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 
     def execute(self, requests: list) -> list:
-        decoded = [self._decode(request) for request in requests]  # uint8 [n, 3, H, W] or the request's error
+        blobs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        decoded = serving.decode_requests(blobs, self.decoder.decode_many)  # uint8 [n, 3, H, W] or the error
         good = [d for d in decoded if isinstance(d, torch.Tensor)]
         embeddings = self._siglip(torch.cat(good)) if good else None
         if isinstance(embeddings, pb_utils.TritonError):
-            return [pb_utils.InferenceResponse(error=embeddings if isinstance(d, torch.Tensor) else d)
+            return [pb_utils.InferenceResponse(error=embeddings if isinstance(d, torch.Tensor) else _invalid(d))
                     for d in decoded]
         blocks = iter(serving.split_rows(embeddings, [len(d) for d in good]) if good else [])
         return [pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, next(blocks))])
-                if isinstance(d, torch.Tensor) else pb_utils.InferenceResponse(error=d) for d in decoded]
+                if isinstance(d, torch.Tensor) else pb_utils.InferenceResponse(error=_invalid(d)) for d in decoded]
 
-    def _decode(self, request):
-        blobs = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
-        try:
-            return serving.decode_images(blobs, self.preprocess)
-        except DecodeError as exc:
-            return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    def finalize(self) -> None:
+        self.decoder.close()
 
     def _siglip(self, images: torch.Tensor):
         """uint8 [B, 3, H, W] -> float32 [B, D] embeddings from `siglip`, or the error it answered."""
@@ -53,3 +58,7 @@ class TritonPythonModel:
         if response.has_error():
             return response.error()
         return pb_utils.get_output_tensor_by_name(response, names.EMBEDDING).as_numpy()
+
+
+def _invalid(error: Exception):
+    return pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)

@@ -1,10 +1,19 @@
-"""Triton model `siglip`: FP32 pixel values [B, 3, 384, 384] -> FP32 embeddings [B, D] (`Encoder.embed`)."""
+"""Triton model `siglip`: FP32 pixel values [B, 3, 384, 384] -> FP32 embeddings [B, D] (`Encoder.embed`).
+
+A request holding NaN or inf fails alone (400); the other requests of the batch are embedded.
+"""
 
 import json
+import os
+import sys
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
+
+# Triton's Python backend stub ignores PYTHONPATH; honour it as any Python does, so that this model imports the
+# same `pipelines` as the launcher (e.g. one installed with `pip install --target DIR`, PYTHONPATH=DIR).
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
 from pipelines import serving
 from pipelines.siglip import load_encoder
@@ -27,6 +36,10 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         # Triton has already checked each request's name, dtype and shape against config.pbtxt.
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        embeddings = self.encoder.embed(torch.from_numpy(np.concatenate(arrays))).cpu().numpy()
-        blocks = serving.split_rows(embeddings, [len(a) for a in arrays])
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, block)]) for block in blocks]
+        errors = [serving.non_finite_rows(a) for a in arrays]  # NaN would come back as a NaN embedding
+        good = [a for a, error in zip(arrays, errors) if error is None]
+        embeddings = self.encoder.embed(torch.from_numpy(np.concatenate(good))).cpu().numpy() if good else None
+        blocks = iter(serving.split_rows(embeddings, [len(a) for a in good]) if good else [])
+        return [pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, next(blocks))]) if error is None
+                else pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG))
+                for error in errors]
