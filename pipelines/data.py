@@ -179,6 +179,13 @@ def decode(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch
 
 
 def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
+    size = jpeg_size(data) if data.startswith(JPEG_MAGIC) else None
+    if size is not None:  # the common case, without PIL: its header parse costs ~6% of a JPEG's decode
+        check_size(*size, max_pixels)
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # CMYK with an unusual transform, arithmetic coding, truncated, ...: PIL below, or its error
     try:
         pil = open_header(data)
     except UnidentifiedImageError as exc:
@@ -195,6 +202,37 @@ def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
             except RuntimeError:
                 pass  # CMYK with an unusual transform, arithmetic coding, ...: PIL below, or its error
         return pil_to_tensor(pil)
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, ...), which carry the image size; C4, C8 and CC
+# are other markers in that range.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment, or None when the markers do not lead to one."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if pos + 9 > end:
+                return None
+            height = int.from_bytes(data[pos + 5:pos + 7], "big")
+            width = int.from_bytes(data[pos + 7:pos + 9], "big")
+            return (width, height) if width and height else None
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
 
 
 def open_header(data: bytes) -> Image.Image:

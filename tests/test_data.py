@@ -275,3 +275,16 @@ def test_isolated_child_abort_and_hang_cost_one_item():
     assert out[0] == (True, "A") and out[2] == (True, "B") and out[4] == (True, "C")
     assert out[1] == Crashed(f"decoder crashed (signal {signal.SIGABRT.value})")
     assert out[3] == Crashed("decoder hung (killed after 5 s)")
+
+
+def test_jpeg_bomb_is_refused_from_its_frame_header(photo_bytes):
+    data = bytearray(photo_bytes["rgb.jpg"])
+    sof = next(i for i in range(2, len(data) - 9) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    data[sof + 5:sof + 9] = (30000).to_bytes(2, "big") * 2  # height, width
+    with pytest.raises(DecodeError, match=r"too large: 30000x30000"):
+        decode(bytes(data))
+    from pipelines.data import EncodedImageDataset, jpeg_size
+
+    assert jpeg_size(photo_bytes["rgb.jpg"]) == (640, 427) and jpeg_size(b"\xff\xd8\xff") is None
+    with pytest.raises(DecodeError, match=r"too large: 30000x30000"):  # the device-decode path checks it too
+        EncodedImageDataset(".", [], Preprocess()).load(bytes(data))

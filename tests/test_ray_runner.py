@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from hydra.utils import instantiate
 
+import hostile_files
 from pipelines import ray_runner, store
 from pipelines.config import REPO_ROOT
 from pipelines.data import list_split
@@ -122,6 +123,33 @@ def test_cli_starts_a_local_ray_and_stops_it(image_root, tmp_path):
         for split in SPLITS:
             assert store.read_split(tmp_path / "out", split).paths == [r.path for r in list_split(image_root, split)]
         assert_all_stopped(marker)
+    finally:
+        shutil.rmtree(marker, ignore_errors=True)
+
+
+@pytest.mark.job
+def test_a_file_that_segfaults_the_decoder_is_an_error_record_on_ray(image_root, tmp_path):
+    # Every process of the job decodes 8-bit PNGs with torchvision's raw decoder (hostile_files.write_crash_hook),
+    # which really segfaults on the crash PNG: the decode task's child dies, the task and the job go on.
+    hostile_files.write_crash_png(image_root / "train" / "bag" / "crash.png")
+    hostile_files.write_crash_hook(tmp_path / "hook")
+    marker = short_tmpdir()
+    env = {**os.environ, "RAY_TMPDIR": marker,
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "pipelines.embed", "model=tiny", "device=cpu", "runner=ray", "runner.num_cpus=2",
+               f"runner.object_store_memory={LOCAL_RAY['object_store_memory']}", "runner.log_to_driver=false",
+               f"dataset.root={image_root}", f"output_dir={tmp_path / 'out'}", "progress=false"]
+    try:
+        done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        errors = store.read_errors(tmp_path / "out" / "train")
+        assert errors == [{"path": "train/bag/crash.png", "label": "bag",
+                           "error": "DecodeError: decoder crashed (signal 11)"}]
+        listed = {r.path for r in list_split(image_root, "train")}
+        assert sorted(store.read_split(tmp_path / "out", "train").paths) == sorted(listed - {"train/bag/crash.png"})
+        assert_all_stopped(marker)  # the decoder children too: they exit with their worker
     finally:
         shutil.rmtree(marker, ignore_errors=True)
 
