@@ -333,7 +333,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             pixels = self.load((self.root / self.records[i].path).read_bytes())
             return {"index": i, "pixels": pixels, "error": None}
-        except Exception as exc:  # DecodeError, OSError, or a resize failure: an error entry, the worker lives
+        except Exception as exc:  # noqa: BLE001 - DecodeError, OSError, a resize failure: an entry, the worker lives
             return {"index": i, "pixels": None, "error": f"{type(exc).__name__}: {_one_line_text(exc)}"}
         finally:
             if slot is not None:

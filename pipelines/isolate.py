@@ -83,10 +83,10 @@ class Isolated:
         self._child: _Child | None = None
         self.restarts = 0
 
-    def __enter__(self) -> Isolated:
+    def __enter__(self) -> Isolated:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def start(self) -> None:
@@ -259,7 +259,7 @@ def _serve(inbox: Connection, outbox: Connection, fn: Callable[[Any], Any] | Non
         for item in items:
             try:
                 answer = (True, fn(item))
-            except Exception as exc:  # reported per item: the child lives on
+            except Exception as exc:  # noqa: BLE001 - reported per item: the child lives on
                 answer = (False, str(exc) if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}")
             outbox.send(answer)
 
@@ -300,10 +300,10 @@ class IsolatedDecoder:
                                   timeout_s=timeout_s)
         self._isolated.start()
 
-    def __enter__(self) -> IsolatedDecoder:
+    def __enter__(self) -> IsolatedDecoder:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @property

@@ -66,8 +66,7 @@ def write_bomb_png(path: Path, *, side: int = 30000) -> Path:
     with open(path, "wb") as f:
         f.write(PNG_MAGIC + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)))
         f.write(_chunk(b"IDAT", first))
-        for _ in range(side // block_rows - 1):
-            f.write(_chunk(b"IDAT", repeat))
+        f.writelines(_chunk(b"IDAT", repeat) for _ in range(side // block_rows - 1))
         f.write(_chunk(b"IDAT", last_block + struct.pack(">I", checksum)) + _chunk(b"IEND", b""))
     return path
 
@@ -223,8 +222,8 @@ def build_mixed_folder(root: Path, *, sample: Path = SAMPLE, per_class: int = 3,
             for src in sorted(class_dir.iterdir())[:per_class]:
                 shutil.copy(src, target / src.name)
                 good.append(f"{split}/{class_dir.name}/{src.name}")
-    hostile_dir = sorted((root / "train").iterdir())[0]
-    source = sorted(hostile_dir.iterdir())[0]
+    hostile_dir = min((root / "train").iterdir())
+    source = min(hostile_dir.iterdir())
     rel = f"train/{hostile_dir.name}"
     write_crash_png(hostile_dir / "crash.png")
     if bomb:

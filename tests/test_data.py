@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import SAMPLE
 
 from pipelines.data import DecodeError, ImageFolderDataset, collate, decode, list_split, take_shard
 from pipelines.siglip import Preprocess
-
-from conftest import SAMPLE
 
 
 def test_decode_formats(photo_bytes):
@@ -88,19 +87,19 @@ def test_dataset_turns_failures_into_entries(tmp_path, photo_bytes):
 
 # -- hostile inputs: pixel limit, 16 bits, exact lossless decoding, crash-safe PNG, listing ----------------------
 
-import faulthandler  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
+import faulthandler
+import io
+import os
+import signal
+import time
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.io import ImageReadMode, decode_image  # noqa: E402
+import hostile_files
+import numpy as np
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image
 
-import hostile_files  # noqa: E402
-from pipelines.data import DEFAULT_MAX_PIXELS, scan_split  # noqa: E402
-from pipelines.isolate import Crashed, Isolated, IsolatedDecoder  # noqa: E402
+from pipelines.data import DEFAULT_MAX_PIXELS, scan_split
+from pipelines.isolate import Crashed, Isolated, IsolatedDecoder
 
 
 def torchvision_decode(data: bytes) -> torch.Tensor:

@@ -15,17 +15,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostile_files
 import pytest
 import torch
+from conftest import SAMPLE
 from torchvision.io import ImageReadMode, decode_image
 
-import hostile_files
 import pipelines.data
 from pipelines import runner, store
 from pipelines.data import list_split
 from pipelines.siglip import load_encoder
-
-from conftest import SAMPLE
 
 CRASH_REASON = "DecodeError: decoder crashed (signal 11)"
 
@@ -107,7 +106,7 @@ def test_workers_dying_without_a_culprit_end_with_one_line(encoder, tmp_path, mo
 def run_job(root: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pipelines.embed", "model=tiny", "device=cpu", f"dataset.root={root}",
                f"output_dir={out}", "progress=false", "batch_size=4", *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env or dict(os.environ),
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=600, env=env or dict(os.environ),
                           cwd=out.parent)
 
 

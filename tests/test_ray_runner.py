@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import hostile_files
 import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
 from hydra.utils import instantiate
 
-import hostile_files
 from pipelines import ray_runner, store
 from pipelines.config import REPO_ROOT
 from pipelines.data import list_split
