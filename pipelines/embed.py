@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -218,7 +219,12 @@ def _run_locked(*, root: Path, splits: list[str], output_dir: Path, model: str, 
                              **limits)
     except KeyboardInterrupt as exc:
         # The runner has flushed what it had embedded (write_split); say how much, then exit 130 / 143.
-        raise Interrupted(getattr(exc, "signum", 2), _saved_message(output_dir, before, prefix)) from None
+        raise Interrupted(getattr(exc, "signum", signal.SIGINT), _saved_message(output_dir, before, prefix)) from None
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        # ray.init installs a SIGTERM handler that calls sys.exit(SIGTERM): the same stop as ours.
+        raise Interrupted(signal.SIGTERM, _saved_message(output_dir, before, prefix)) from None
 
 
 def _embed_splits(listings: dict[str, Listed], *, encoder: Any, root: Path, output_dir: Path,

@@ -37,3 +37,10 @@ def test_embed_defaults_are_the_real_model_on_the_sample(compose_cfg):
     assert Path(cfg.dataset.root).is_dir() and list(cfg.splits) == ["train", "valid"]
     tiny = compose_cfg("embed", ["model=tiny", "dataset=imagenet", "dataset.root=/data/in"])
     assert tiny.model.name_or_path == "tiny" and tiny.output_dir == "outputs/imagenet-tiny"
+
+
+def test_multirun_goes_under_outputs_for_every_entry_point(compose_cfg):
+    for primary in sorted(p.stem for p in CONF.glob("*.yaml")):
+        hydra_cfg = compose_cfg(primary, return_hydra_config=True).hydra
+        assert hydra_cfg.sweep.dir.startswith("outputs/multirun/"), primary  # Hydra writes multirun.yaml there
+        assert hydra_cfg.run.dir == "." and hydra_cfg.output_subdir is None, primary
