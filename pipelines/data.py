@@ -391,11 +391,9 @@ class EncodedImageDataset(ImageFolderDataset):
     def load(self, data: bytes) -> torch.Tensor:
         """JPEG bytes -> themselves as uint8 [n]; any other format -> uint8 [3, H, W], decoded and resized."""
         if data.startswith(JPEG_MAGIC):
-            try:
-                with open_header(data) as pil:  # the header only: the pixel limit holds on the device too
-                    check_size(*pil.size, self.max_pixels)
-            except OSError:
-                pass  # a JPEG PIL cannot parse: the device decoder, then `decode`, give the reason
+            size = jpeg_size(data)  # the frame header only: the pixel limit holds on the device too
+            if size is not None:  # else the device decoder, then `decode`, give the reason
+                check_size(*size, self.max_pixels)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return super().load(data)
 
