@@ -8,7 +8,7 @@ EXTRAS ?= test,serve,ray,cpu
 
 # pip reports each package as it is collected, downloaded (with its size) and installed.
 $(VENV)/.installed: pyproject.toml .ci/constraints.txt
-	@echo "Installing siglip-pipelines[$(EXTRAS)] into $(VENV): about 3.5 GB to download, 6.8 GB on disk, 2-10 minutes"
+	@echo "Installing siglip-pipelines[$(EXTRAS)] into $(VENV): about 3.5 GB to download, 7.1 GB on disk, 2-10 minutes"
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install --progress-bar on -c .ci/constraints.txt -e '.[$(EXTRAS)]'
