@@ -21,6 +21,10 @@ from pipelines.config import CONF_DIR, clean_errors
 
 log = logging.getLogger(__name__)
 
+# A server that keeps dying right after it is replaced is not going to get better: give up then.
+MAX_CRASHES = 3
+CRASH_WINDOW_S = 600.0
+
 
 def run_serve(
     *,
@@ -87,14 +91,22 @@ def _serve(server: triton.TritonServer, ready_timeout_s: float) -> None:
     log.info("tritonserver (pid %d) ready in %.1f s: HTTP http://%s, gRPC %s; models %s at "
              "http://%s/v2/models/<model>/infer; Ctrl-C stops it", server.process.pid,
              time.monotonic() - start, server.http_url, server.grpc_url, ", ".join(names.MODELS), server.http_url)
-    while server.returncode() is None:
-        if server.restart_needed.is_set():  # a crashed stub Triton could not let go of: a new server process
+    crashes: list[float] = []
+    while True:
+        if server.returncode() is not None:  # the server itself died (a signal, an abort): a new one
+            crashes = [t for t in crashes if t > time.monotonic() - CRASH_WINDOW_S] + [time.monotonic()]
+            if len(crashes) > MAX_CRASHES:
+                raise triton.ServerError(f"tritonserver exited on its own {len(crashes)} times in "
+                                         f"{CRASH_WINDOW_S / 60:.0f} minutes, last with status "
+                                         f"{server.returncode()}{server.log_tail()}")
+            log.error("tritonserver exited on its own with status %s%s; starting a new one", server.returncode(),
+                      server.log_tail())
+            server.restart_needed.set()
+        if server.restart_needed.is_set():  # or a crashed stub Triton could not let go of (StubWatchdog)
             start = time.monotonic()
             server.restart()
             log.info("tritonserver restarted (pid %d), ready in %.1f s", server.process.pid, time.monotonic() - start)
         time.sleep(0.5)
-    raise triton.ServerError(f"tritonserver exited on its own with status {server.returncode()}"
-                             f"{server.log_tail()}")
 
 
 def _interrupt(signum: int, frame) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -22,7 +23,6 @@ import sys
 import sysconfig
 import threading
 import time
-import json
 import urllib.error
 import urllib.request
 from collections import deque
@@ -544,9 +544,9 @@ class StubWatchdog:
         while not self._stop.wait(self.poll_s) and self.server.returncode() is None:
             for model, stubs in list(self.known.items()):
                 ended = {stub.pid: how for stub in stubs if (how := stub_exit(stub))}
-                if ended and not self._stop.is_set():
-                    if not self._heal(model, [s for s in stubs if s.pid in ended], ended):
-                        return  # the server is to be replaced; its next watchdog takes over
+                dead = [stub for stub in stubs if stub.pid in ended]
+                if dead and not self._stop.is_set() and not self._heal(model, dead, ended):
+                    return  # the server is to be replaced; its next watchdog takes over
 
     def _heal(self, model: str, dead: list[Stub], ended: dict[int, str]) -> bool:
         """Unload and reload `model`; False when the server itself must be restarted."""

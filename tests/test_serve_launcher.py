@@ -181,7 +181,7 @@ def test_a_killed_launcher_takes_the_server_with_it(tmp_path, tiny_checkpoint):
     try:
         launched.launcher.kill()  # SIGKILL: no clean-up code of the launcher runs
         launched.launcher.wait(30)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while session_processes(launched.server_pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert session_processes(launched.server_pid) == []

@@ -5,6 +5,7 @@ seed's requests with the in-process model's embeddings, batches, rejects bad req
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -189,7 +190,7 @@ class Launched:
     def base_url(self) -> str:
         return f"http://localhost:{self.http_port}/v2/models"
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 180) -> int:
         """Signal the launcher, wait; whatever is left of the server's session is killed (and reported)."""
         sessions = {self.server_pid}
         if self.launcher.poll() is None:
@@ -615,6 +616,29 @@ def test_a_killed_stub_is_replaced_without_help(server, photo_bytes, encoder):
     assert f"stub (pid {stub.pid}) killed by signal 9; reloading" in server.output.read_text()
     assert cosine(embed_file(server, photo_bytes["rgb.jpg"]), expected_embedding(encoder, photo_bytes["rgb.jpg"]))[
         0] >= 0.9999  # embed_image reaches the new siglip
+
+
+@pytest.mark.server
+def test_a_killed_server_is_replaced_without_help(server, encoder):
+    old = current_server_pid(server)
+    regions = [Path("/dev/shm") / stub.shm_region for stub in triton.list_stubs(old)]
+    payload = loadgen.load_pixel_values(PIXEL_VALUES_JSON)
+    send = functools.partial(loadgen.make_sender, "http", model=names.SIGLIP, payload=payload, host="localhost",
+                             http_port=server.http_port, grpc_port=server.grpc_port)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            embedding = send()()
+            break
+        except Exception:  # noqa: BLE001 - not serving yet
+            assert time.monotonic() < deadline, "no server 180 s after tritonserver was killed"
+            time.sleep(0.1)
+    assert current_server_pid(server) != old and server.launcher.poll() is None
+    assert cosine(embedding, encoder.embed(torch.from_numpy(payload)).numpy())[0] >= 0.9999
+    assert session_processes(old) == []  # the old server's stubs and decoders are gone
+    assert not [region for region in regions if region.exists()]  # and so is their shared memory
+    assert "tritonserver exited on its own with status -9" in server.output.read_text()
 
 
 def wait_for(condition, timeout_s: float, message: str) -> None:
