@@ -7,6 +7,7 @@ subprocess, through `hostile_files.write_crash_hook` on PYTHONPATH). torchvision
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import shutil
@@ -27,6 +28,17 @@ from pipelines.data import list_split
 from pipelines.siglip import load_encoder
 
 CRASH_REASON = "DecodeError: decoder crashed (signal 11)"
+
+
+@pytest.fixture(autouse=True)
+def quiet_segfaults():
+    """The segfaults here are expected: pytest's fault handler, inherited by every forked worker, would print
+    each one's stack (200 lines); the children still die of the signal without it."""
+    enabled = faulthandler.is_enabled()
+    faulthandler.disable()
+    yield
+    if enabled:
+        faulthandler.enable()
 
 
 @pytest.fixture(scope="module")
