@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from pipelines import store
 from pipelines.config import CONF_DIR, Interrupted, UserError, clean_errors
+from pipelines.hub import check_model
 
 if TYPE_CHECKING:
     from pipelines.data import ImageRecord
@@ -312,6 +313,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 @hydra.main(config_path=CONF_DIR, config_name="embed", version_base="1.3")
 @clean_errors("pipelines.siglip:WeightsUnavailableError", FileNotFoundError, PermissionError)
 def main(cfg: DictConfig) -> None:
+    check_model(cfg.model.name_or_path, cfg.model.revision)  # a model not to be had: now, before torch imports
     summary = run_embed(
         root=cfg.dataset.root,
         splits=list(cfg.splits),

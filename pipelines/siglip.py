@@ -9,10 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import ssl
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +18,19 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import pipelines
+from pipelines.hub import (  # WeightsUnavailableError: the error of this module's loaders
+    PREPROCESSOR_CONFIG,
+    SO400M_RANDOM,
+    TINY,
+    WeightsUnavailableError,
+    check_model,
+    read_preprocessor_config,
+    unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "google/siglip-so400m-patch14-384"
-# How long the one request that checks whether the hub answers may take (connecting, then reading).
-HUB_PROBE_TIMEOUT_S = 5.0
-TINY = "tiny"
-SO400M_RANDOM = "so400m-random"
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 # PIL resample codes as they appear in preprocessor_config.json.
 _RESAMPLE = {
@@ -82,10 +82,6 @@ TINY_TEXT = {
     "num_attention_heads": 2,
     "vocab_size": 256,
 }
-
-
-class WeightsUnavailableError(RuntimeError):
-    """The checkpoint could not be found or loaded; the message says what was tried."""
 
 
 @dataclass(frozen=True)
@@ -315,17 +311,15 @@ def load_preprocess(name_or_path: str, *, revision: str | None = None) -> Prepro
     """The checkpoint's preprocessing alone (no weights): a preset, a local directory or a hub id."""
     if name_or_path in (TINY, SO400M_RANDOM):
         return Preprocess.from_config(SO400M_PREPROCESSOR)
-    _check_local_path(name_or_path)
-    offline = None if Path(name_or_path).expanduser().is_dir() else _hub_unavailable(name_or_path, revision)
-    return Preprocess.from_config(_read_preprocessor_config(name_or_path, revision, offline)[0])
+    offline = check_model(name_or_path, revision)
+    return Preprocess.from_config(read_preprocessor_config(name_or_path, revision, offline)[0])
 
 
 def _load_checkpoint(
     name_or_path: str, revision: str | None, attn_implementation: str
 ) -> tuple[torch.nn.Module, Preprocess, str | None]:
-    _check_local_path(name_or_path)
-    offline = None if Path(name_or_path).expanduser().is_dir() else _hub_unavailable(name_or_path, revision)
-    config, snapshot = _read_preprocessor_config(name_or_path, revision, offline)
+    offline = check_model(name_or_path, revision)
+    config, snapshot = read_preprocessor_config(name_or_path, revision, offline)
     preprocess = Preprocess.from_config(config)
     # transformers' model classes take seconds to import: only once the checkpoint is known to be there.
     from transformers import SiglipVisionModel
@@ -340,113 +334,11 @@ def _load_checkpoint(
             local_files_only=offline is not None,
         )
     except (OSError, ValueError) as exc:
-        raise WeightsUnavailableError(_unavailable(name_or_path, exc, offline)) from exc
+        raise WeightsUnavailableError(unavailable(name_or_path, exc, offline)) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     commit = getattr(model.config, "_commit_hash", None) or snapshot or revision
     return model, preprocess, commit
-
-
-def _read_preprocessor_config(
-    name_or_path: str, revision: str | None, offline: str | None
-) -> tuple[dict[str, Any], str | None]:
-    """The checkpoint's preprocessor config, and for a hub id the commit of the cached snapshot it came from."""
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        path = local / PREPROCESSOR_CONFIG
-        if not path.is_file():
-            raise WeightsUnavailableError(
-                f"{path} not found: a SigLIP checkpoint directory needs its {PREPROCESSOR_CONFIG}"
-            )
-        return json.loads(path.read_text()), None
-    from huggingface_hub import hf_hub_download
-
-    try:
-        resolved = Path(hf_hub_download(name_or_path, PREPROCESSOR_CONFIG, revision=revision,
-                                        local_files_only=offline is not None))
-    except (OSError, ValueError) as exc:
-        raise WeightsUnavailableError(_unavailable(name_or_path, exc, offline)) from exc
-    # The cache keeps each download under snapshots/<commit>/.
-    snapshot = resolved.parent.name if resolved.parent.parent.name == "snapshots" else None
-    return json.loads(resolved.read_text()), snapshot
-
-
-def _hub_unavailable(repo_id: str, revision: str | None) -> str | None:
-    """Why a hub id must come from the local cache alone (offline mode, no answer from the hub), or None.
-
-    One HEAD request for the checkpoint's preprocessor config, with a short timeout and no retries, stands in for
-    the library's own (retried for about a minute when the hub cannot be reached). A hub that answers "no such
-    model" or "not allowed" ends it here with WeightsUnavailableError; any other answer lets the load go ahead.
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers
-
-    if constants.HF_HUB_OFFLINE:
-        return "offline mode is on (HF_HUB_OFFLINE)"
-    quoted = urllib.parse.quote(revision or "main", safe="")
-    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{quoted}/{PREPROCESSOR_CONFIG}"
-    request = urllib.request.Request(url, method="HEAD", headers=build_hf_headers())
-    opener = urllib.request.build_opener(_KeepRedirect)
-    try:
-        opener.open(request, timeout=HUB_PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError as exc:  # the hub answered
-        if exc.code in (401, 403, 404):
-            raise WeightsUnavailableError(_refused(repo_id, revision, exc)) from None
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, ssl.SSLError):  # e.g. certificates this client lacks: leave it to the library
-            return None
-        return f"the hub at {constants.ENDPOINT} did not answer ({exc.reason})"
-    except OSError as exc:  # a timeout while reading, a reset connection
-        return f"the hub at {constants.ENDPOINT} did not answer ({type(exc).__name__}: {exc})"
-    return None
-
-
-class _KeepRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect (to the file store) already says the hub has the file: raise it as HTTPError, do not follow."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> None:
-        return None
-
-
-def _refused(repo_id: str, revision: str | None, exc: urllib.error.HTTPError) -> str:
-    # The hub says why in X-Error-Code / X-Error-Message; without a token it answers 401 for unknown repos too.
-    why = exc.headers.get("X-Error-Message") or exc.headers.get("X-Error-Code") or exc.reason
-    at = f" at revision {revision!r}" if revision else ""
-    hint = ("check the id, or log in (`hf auth login` or HF_TOKEN) for a gated or private model"
-            if exc.code in (401, 403) else "check the id and the revision")
-    return (f"model.name_or_path={repo_id!r}{at}: the hub at {_endpoint()} refused it (HTTP {exc.code}: {why}); "
-            f"{hint}, or give a local checkpoint directory")
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def _check_local_path(name_or_path: str) -> None:
-    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise WeightsUnavailableError(
-            f"model.name_or_path={name_or_path!r}: no such directory; give a checkpoint directory "
-            f"(config.json, *.safetensors, {PREPROCESSOR_CONFIG}) or a model hub id"
-        )
-
-
-def _unavailable(name_or_path: str, exc: BaseException, offline: str | None = None) -> str:
-    download = (f"Download it where the hub is reachable (`hf download {name_or_path} --local-dir DIR`) and pass "
-                f"model.name_or_path=DIR, or use model=tiny for an offline demo")
-    if offline is not None:  # the library's message says only "not in the cached files": say why we did not ask
-        from huggingface_hub import constants
-
-        return (f"could not load SigLIP weights for {name_or_path!r}: not in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}) and {offline}. {download}")
-    reason = " ".join(str(exc).split())[:300]
-    return (
-        f"could not load SigLIP weights for {name_or_path!r} from a local directory, the Hugging Face "
-        f"cache or the hub ({type(exc).__name__}: {reason}). {download}"
-    )
 
 
 @contextlib.contextmanager

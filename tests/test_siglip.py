@@ -257,3 +257,15 @@ def test_a_cached_model_loads_when_the_hub_does_not_answer(tmp_path, tiny_checkp
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [commit] and "Retry" not in result.stderr
+
+
+def test_the_model_check_needs_no_torch(tmp_path):
+    """`pipelines.hub.check_model` says the model cannot be had before anything imports torch (seconds earlier)."""
+    probe = ("import sys\nfrom pipelines.hub import WeightsUnavailableError, check_model\n"
+             "try:\n    check_model('google/siglip-so400m-patch14-384')\n"
+             "except WeightsUnavailableError as exc:\n    print('refused:', exc)\n"
+             "print('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], check=False, cwd=tmp_path, capture_output=True, text=True,
+                            env=hub_env(tmp_path, HF_HUB_OFFLINE="1"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused: could not load SigLIP weights" in result.stdout and "torch imported: False" in result.stdout
