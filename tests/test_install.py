@@ -194,6 +194,20 @@ def test_faiss_missing_is_one_line_naming_the_extra(monkeypatch):
     assert "\n" not in str(raised.value)
 
 
+def test_two_faiss_wheels_are_refused_in_one_line(monkeypatch, tmp_path):
+    from pipelines import knn
+
+    # What pip leaves when both wheels went in: two distributions' records (the shared files are not needed).
+    for name, version in (("faiss_cpu", "1.15.1"), ("faiss_gpu_cu12", "1.12.0")):
+        record = tmp_path / f"{name}-{version}.dist-info"
+        record.mkdir()
+        (record / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"faiss-cpu 1\.15\.1 and faiss-gpu-cu12 1\.12\.0 are both installed") as raised:
+        knn.make_backend("faiss")
+    assert "\n" not in str(raised.value) and "pip uninstall" in str(raised.value)
+
+
 @pytest.mark.network
 def test_the_gpu_extra_resolves_to_one_faiss_that_imports(tmp_path):
     """Resolve `.[gpu,serve]` from the index as a CUDA host would, then import FAISS from the GPU wheel alone."""
