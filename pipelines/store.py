@@ -393,6 +393,21 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         os.replace(tmp, path)
 
 
+# Lock descriptors this process holds. A forked child (a DataLoader worker, a decoder process) closes its copies:
+# an flock belongs to the open file, so a child outliving a kill -9 of the job would otherwise keep it held.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @dataclass
 class OutputLock:
     """The held locks of one job on an output directory: released by `release` or when the process dies."""
@@ -400,8 +415,12 @@ class OutputLock:
     path: Path
     fds: list[int]
 
+    def __post_init__(self) -> None:
+        _HELD.update(self.fds)
+
     def release(self) -> None:
         for fd in self.fds:
+            _HELD.discard(fd)
             with contextlib.suppress(OSError):
                 os.close(fd)  # closing the last descriptor drops the flock
         self.fds = []

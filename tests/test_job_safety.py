@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -80,6 +81,12 @@ def is_locked(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def open_fds(pid: int) -> list[str]:
+    """The paths a process has open (Linux /proc)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return [os.readlink(fd) for fd in fds.iterdir()] if fds.is_dir() else []
 
 
 def wait_for(condition, proc: subprocess.Popen | None = None, what: str = "") -> None:
@@ -226,12 +233,16 @@ def test_two_racing_jobs_one_is_refused_and_nothing_is_duplicated(tmp_path):
 @pytest.mark.job
 def test_other_shards_run_side_by_side_and_kill_9_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "out"
-    first = start_job(out, "shard.count=2", "shard.index=0", "batch_size=4", "num_workers=0")
-    wait_for(lambda: is_locked(out / ".lock-shard0of2"), first, "shard 0 holds its lock")
+    first = start_job(out, "shard.count=2", "shard.index=0", "batch_size=4", "num_workers=1", "rows_per_part=8")
+    wait_for(lambda: store.parts(out / "train"), first, "shard 0 writes parts")
     with stopped(first):
+        children = psutil.Process(first.pid).children(recursive=True)
+        assert children, "the job should have a decode worker"
+        for child in children:  # a forked worker must not keep the lock alive after the job dies
+            assert not [f for f in open_fds(child.pid) if Path(f).name.startswith(".lock")], child
         other = embed_cli(out, "shard.count=2", "shard.index=1")  # runs while shard 0 is held
         assert other.returncode == 0, other.stderr[-3000:]
-    os.killpg(first.pid, signal.SIGKILL)
+    first.kill()  # kill -9 of the job alone: its decode worker, forked with the lock open, may outlive it a while
     first.communicate(timeout=60)
     assert not is_locked(out / ".lock-shard0of2")
     again = embed_cli(out, "shard.count=2", "shard.index=0")
