@@ -97,7 +97,11 @@ def to_table(paths: Sequence[str], labels: Sequence[str], embeddings: np.ndarray
 # OS errors a user causes (and can fix) while the store writes: reported as one line naming the folder.
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EDQUOT: "disk quota exceeded (EDQUOT)",
                  errno.EROFS: "read-only file system (EROFS)", errno.EACCES: "permission denied (EACCES)",
-                 errno.EPERM: "operation not permitted (EPERM)"}
+                 errno.EPERM: "operation not permitted (EPERM)",
+                 errno.ENOTDIR: "a file stands where a folder is needed (ENOTDIR)",
+                 errno.EEXIST: "a file stands where a folder is needed (EEXIST)",
+                 errno.EISDIR: "a folder stands where a file is needed (EISDIR)"}
+RESUMES = "then rerun: the parts already written are kept and the job resumes"
 
 
 class StoreWriteError(UserError):
@@ -105,8 +109,9 @@ class StoreWriteError(UserError):
 
 
 @contextlib.contextmanager
-def writing(folder: Path, *, cleanup: Path | None = None) -> Iterator[None]:
-    """Turn a user-fixable OS error while writing into `folder` into StoreWriteError; `cleanup` is removed then."""
+def writing(folder: Path, *, cleanup: Path | None = None, then: str = RESUMES) -> Iterator[None]:
+    """Turn a user-fixable OS error while writing into `folder` into StoreWriteError (its message ends with
+    `then`, what to do after the fix); `cleanup` is removed then."""
     try:
         yield
     except OSError as exc:
@@ -117,7 +122,7 @@ def writing(folder: Path, *, cleanup: Path | None = None) -> Iterator[None]:
         if reason is None:
             raise
         raise StoreWriteError(f"{reason} writing to {folder}: make room or fix it (or choose another output_dir), "
-                              "then rerun: the parts already written are kept and the job resumes") from exc
+                              f"{then}") from exc
 
 
 def write_part(split_dir: Path, table: pa.Table, *, prefix: str) -> Path:

@@ -308,13 +308,15 @@ def _image_root(dataset_root: str | Path | None, sample_path: str) -> str | None
 def _write(out: Path, report: dict[str, Any], table: pd.DataFrame, predictions: pd.DataFrame, *, worst: int,
            read_s: float, start: float) -> None:
     """report.json (with the time taken), per_class.csv, predictions.parquet, per_class.png under `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / PER_CLASS, index=False)
-    predictions.to_parquet(out / PREDICTIONS, index=False)
+    with store.writing(out, then="then rerun"):  # disk full, read-only, permissions: one line naming it
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / PER_CLASS, index=False)
+        predictions.to_parquet(out / PREDICTIONS, index=False)
     model = report["model"]
     title = (f"{Path(str(model['model'])).name}: {report['num_classes']} classes, k={report['settings']['k']} "
              f"({report['settings']['metric']}), top-1 {100 * report['top1']:.2f}%")
-    plot_per_class(table, worst=worst, title=title).savefig(out / FIGURE, dpi=110)
+    with store.writing(out, then="then rerun"):
+        plot_per_class(table, worst=worst, title=title).savefig(out / FIGURE, dpi=110)
     knn_s = sum(e["knn_s"] for e in report["per_episode"])
     report["seconds"] = {"read": round(read_s, 3), "knn": round(knn_s, 3),
                          "total": round(time.perf_counter() - start, 3)}

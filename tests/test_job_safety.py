@@ -508,3 +508,19 @@ def test_entry_points_import_no_heavy_library_and_print_their_config():
         shown = subprocess.run([sys.executable, "-m", f"pipelines.{entry}", "--cfg", "job"], check=False, cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=120)
         assert shown.returncode == 0 and f"{key}:" in shown.stdout, shown.stderr
+
+
+def test_validate_names_an_output_folder_it_cannot_write(tmp_path):
+    meta = {"model": "m", "revision": None, "embedding_dim": 4, "dtype": "float32", "image_size": [384, 384],
+            "preprocess": {}, "version": "0"}
+    rng = np.random.default_rng(0)
+    for split in ("train", "valid"):
+        paths = [f"{split}/{c}/{i}.png" for c in ("a", "b") for i in range(3)]
+        store.write_part(tmp_path / "emb" / split, store.to_table(
+            paths, [p.split("/")[1] for p in paths], rng.standard_normal((6, 4)).astype(np.float32), meta), prefix="t")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(store.StoreWriteError, match=f"^a file stands where a folder is needed \\(ENOTDIR\\) "
+                                                    f"writing to {afile / 'v'}: .*then rerun$"):
+        run_validate(embeddings_dir=tmp_path / "emb", output_dir=afile / "v", k=2)
+    assert afile.read_text() == "x"
