@@ -524,3 +524,10 @@ def test_validate_names_an_output_folder_it_cannot_write(tmp_path):
                                                     f"writing to {afile / 'v'}: .*then rerun$"):
         run_validate(embeddings_dir=tmp_path / "emb", output_dir=afile / "v", k=2)
     assert afile.read_text() == "x"
+
+
+def test_an_os_error_names_its_file():
+    from pipelines.config import describe
+
+    assert describe(PermissionError(errno.EACCES, "Permission denied", "/data/out/valid/part-1.parquet")) == \
+        "Permission denied: /data/out/valid/part-1.parquet"
