@@ -383,6 +383,14 @@ def worker_init(_: int) -> None:
     the main process's to handle (it stops the workers), so a worker does not die of it mid-batch."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.excepthook = _quiet_when_main_is_gone
+
+
+def _quiet_when_main_is_gone(args: threading.ExceptHookArgs) -> None:
+    # A worker's fd-sharing thread finds its peer gone when the main process stops (Ctrl-C, SIGTERM): that is
+    # the stop itself, not a failure, and its traceback would bury the job's one-line message.
+    if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+        threading.__excepthook__(args)
 
 
 class EncodedImageDataset(ImageFolderDataset):
