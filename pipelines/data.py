@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import warnings
 import zlib
 from collections import defaultdict
@@ -311,8 +312,9 @@ def _one_line_text(exc: BaseException) -> str:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Reads and resizes one record per item; a failure becomes an error entry, never an exception.
 
-    `tracker`: optional shared int64 array of 2 slots per DataLoader worker, [pid, index being read or -1];
-    set by the runner so that after a worker dies it knows which file the worker was decoding.
+    `tracker`: optional shared int64 array of 3 slots per DataLoader worker, [pid, index being read or -1, when
+    it started in ms of CLOCK_MONOTONIC]; set by the runner so that it knows which file a worker that died (or
+    hangs) was decoding.
     """
 
     def __init__(self, root: str | Path, records: list[ImageRecord], preprocess: Preprocess, *,
@@ -329,7 +331,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         slot = self._slot()
         if slot is not None:
-            self.tracker[slot], self.tracker[slot + 1] = os.getpid(), i
+            self.tracker[slot], self.tracker[slot + 2] = os.getpid(), int(time.monotonic() * 1000)
+            self.tracker[slot + 1] = i
         try:
             pixels = self.load((self.root / self.records[i].path).read_bytes())
             return {"index": i, "pixels": pixels, "error": None}
@@ -347,7 +350,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self.tracker is None:
             return None
         info = torch.utils.data.get_worker_info()
-        return None if info is None else 2 * info.id
+        return None if info is None else 3 * info.id
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -85,7 +86,7 @@ def make_loader(
     dataset = (EncodedImageDataset if device_decode else ImageFolderDataset)(root, records, preprocess,
                                                                              max_pixels=max_pixels)
     if num_workers:
-        dataset.tracker = mp.get_context("fork").RawArray("q", [-1] * (2 * num_workers))
+        dataset.tracker = mp.get_context("fork").RawArray("q", [-1] * (3 * num_workers))
     else:
         dataset = InChildDataset(dataset)
     return torch.utils.data.DataLoader(
@@ -195,6 +196,9 @@ def embed_split(
 # Worker deaths in a row without a file to blame (decoding each suspect alone does not crash) before the job
 # gives up: a host killing workers (memory) rather than a file killing its decoder.
 MAX_UNEXPLAINED_DEATHS = 3
+# Seconds one file may take to read and decode before it counts as hanging its decoder: a worker busy with one
+# file for longer is killed (then found like a crash), and a suspect decoded alone is given as long.
+HANG_TIMEOUT_S = 120.0
 # Torch's message for a dead worker names its pid(s): "DataLoader worker (pid 123) is killed by signal: ..."
 # or "DataLoader worker (pid(s) 123, 456) exited unexpectedly".
 _DEAD_WORKER = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
@@ -229,7 +233,7 @@ def _embed_all(loader_for: Callable[[list[ImageRecord]], Any], encoder: Encoder,
             return
         except WorkerDied as exc:
             died = exc
-        log.warning("%s; finding the file that crashed it", died)
+        log.warning("%s; looking for the file that caused it", died)
         culprits = _find_culprits(loader, records, died)
         failures = [(records[k].path, records[k].label, f"DecodeError: {reason}") for k, reason in culprits.items()]
         record_errors(split_dir, failures, stats)
@@ -246,7 +250,7 @@ def _find_culprits(loader: Any, records: list[ImageRecord], died: WorkerDied) ->
     """Positions in `records` of the files that crash a decoder alone -> the reason ('decoder crashed (signal 11)')."""
     dataset = loader.dataset
     tracker = list(dataset.tracker) if dataset.tracker is not None else []
-    suspects = [tracker[w + 1] for w in range(0, len(tracker), 2)
+    suspects = [tracker[w + 1] for w in range(0, len(tracker), 3)
                 if tracker[w + 1] >= 0 and (not died.pids or tracker[w] in died.pids)]
     culprits = _crashing(dataset, [k for k in suspects if k not in died.handled])
     if culprits:
@@ -263,7 +267,7 @@ def _crashing(dataset: ImageFolderDataset, positions: list[int]) -> dict[int, st
         return {}
     tracker, dataset.tracker = dataset.tracker, None
     try:
-        with Isolated(_ItemAsNumpy(dataset), start_method="fork") as child:
+        with Isolated(_ItemAsNumpy(dataset), start_method="fork", timeout_s=HANG_TIMEOUT_S) as child:
             outcomes = child.map(positions)
     finally:
         dataset.tracker = tracker
@@ -364,10 +368,16 @@ def _loop(loader, encoder: Encoder, records: list[ImageRecord], writer: PartWrit
     # One batch stays in flight: batch i+1 is copied (on a side stream) and queued on the device before
     # batch i's result is read back, so the device never waits on the host.
     copy_stream = torch.cuda.Stream(encoder.device) if encoder.device.type == "cuda" else None
-    pending: tuple[Batch, torch.Tensor, Any] | None = None
     handled: set[int] = set()
     iterator = iter(loader)
     _no_async_worker_errors()
+    with _HangWatch(getattr(loader.dataset, "tracker", None)):
+        _drain(iterator, encoder, records, writer, split_dir, stats, bar, copy_stream, handled)
+
+
+def _drain(iterator, encoder: Encoder, records: list[ImageRecord], writer: PartWriter, split_dir: Path,
+           stats: SplitStats, bar: tqdm, copy_stream: Any, handled: set[int]) -> None:
+    pending: tuple[Batch, torch.Tensor, Any] | None = None
     start = tick = time.perf_counter()
     while True:
         try:
@@ -403,6 +413,40 @@ def _loop(loader, encoder: Encoder, records: list[ImageRecord], writer: PartWrit
         tick = time.perf_counter()
         _finish(pending, records, writer, stats)
         stats.model_s += time.perf_counter() - tick
+
+
+class _HangWatch:
+    """A thread that kills a DataLoader worker busy with one file for more than `HANG_TIMEOUT_S`.
+
+    The loader then reports a dead worker, and the file is found (and tried alone, with the same limit) as a
+    crash's is: a hang costs its file, not the job. `tracker` holds per worker [pid, index, start in ms].
+    """
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker, self._stop = tracker, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hang-watch", daemon=True)
+
+    def __enter__(self) -> _HangWatch:  # noqa: PYI034 - Self needs Python 3.11
+        if self.tracker is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        limit_ms = HANG_TIMEOUT_S * 1000
+        while not self._stop.wait(min(1.0, HANG_TIMEOUT_S / 4)):
+            now_ms = time.monotonic() * 1000  # CLOCK_MONOTONIC: one clock for all processes of the host
+            for w in range(0, len(self.tracker), 3):
+                pid, index, started = self.tracker[w], self.tracker[w + 1], self.tracker[w + 2]
+                if index >= 0 and now_ms - started > limit_ms:
+                    log.warning("a decode worker spent more than %g s on one file; stopping it", HANG_TIMEOUT_S)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    self.tracker[w + 1] = index  # unchanged: the file stays the suspect
 
 
 def _dead_workers(iterator: Any, exc: BaseException, *, wait_s: float = 30.0) -> set[int]:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import hostile_files
@@ -28,6 +29,11 @@ from pipelines.data import list_split
 from pipelines.siglip import load_encoder
 
 CRASH_REASON = "DecodeError: decoder crashed (signal 11)"
+
+
+def split_folder(output_dir: Path, split: str) -> Path:
+    """Where the store keeps a split's parts and errors (`store.split_dir` where the store has one)."""
+    return store.split_dir(output_dir, split) if hasattr(store, "split_dir") else output_dir / split
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +96,7 @@ def test_a_segfaulting_decoder_costs_only_its_file(encoder, tmp_path, monkeypatc
 
     embedded = store.read_split(out, "train").paths
     assert sorted(embedded) == good  # every good image, once
-    errors = store.read_errors(out / "train")
+    errors = store.read_errors(split_folder(out, "train"))
     assert sorted(e["path"] for e in errors) == crashing
     assert {e["error"] for e in errors} == {CRASH_REASON}
     assert stats.embedded == len(good) and stats.errors == len(crashing)
@@ -112,7 +118,32 @@ def test_workers_dying_without_a_culprit_end_with_one_line(encoder, tmp_path, mo
     crash_folder(tmp_path / "images")
     with pytest.raises(runner.DecodeWorkersDiedError, match=r"died 3 times in a row and no file crashes"):
         embed_train(encoder, tmp_path / "images", tmp_path / "out")
-    assert not store.read_errors(tmp_path / "out" / "train")  # nothing innocent was recorded
+    assert not store.read_errors(split_folder(tmp_path / "out", "train"))  # nothing innocent was recorded
+
+
+@pytest.mark.job
+def test_a_file_that_hangs_its_decoder_costs_only_itself(encoder, tmp_path, monkeypatch):
+    real = pipelines.data.decode
+
+    def hangs_on_marked_files(data: bytes, **kwargs) -> torch.Tensor:
+        if data.startswith(b"HANG"):
+            time.sleep(3600)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(pipelines.data, "decode", hangs_on_marked_files)
+    # Generous against a loaded host: a tiny PNG decodes in milliseconds.
+    monkeypatch.setattr(runner, "HANG_TIMEOUT_S", 20.0)
+    good, crashing = crash_folder(tmp_path / "images")
+    for path in crashing:
+        (tmp_path / "images" / path).unlink()
+    (tmp_path / "images" / "train" / "bag" / "hang.png").write_bytes(b"HANG and never return")
+
+    stats = embed_train(encoder, tmp_path / "images", tmp_path / "out")
+
+    assert sorted(store.read_split(tmp_path / "out", "train").paths) == good
+    assert store.read_errors(split_folder(tmp_path / "out", "train")) == [
+        {"path": "train/bag/hang.png", "label": "bag", "error": "DecodeError: decoder hung (killed after 20 s)"}]
+    assert stats.embedded == len(good) and stats.errors == 1
 
 
 def run_job(root: Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -125,7 +156,7 @@ def run_job(root: Path, out: Path, *extra: str, env: dict[str, str] | None = Non
 def check_output(out: Path, made: dict, reasons: dict[str, str]) -> None:
     embedded = [p for split in ("train", "valid") for p in store.read_split(out, split).paths]
     assert sorted(embedded) == made["good"]  # each good image exactly once, nothing else
-    errors = {e["path"]: e["error"] for split in ("train", "valid") for e in store.read_errors(out / split)}
+    errors = {e["path"]: e["error"] for split in ("train", "valid") for e in store.read_errors(split_folder(out, split))}
     assert sorted(errors) == sorted(made["bad"])
     for path, pattern in reasons.items():
         assert re.search(pattern, errors[path]), (path, errors[path])
@@ -152,10 +183,10 @@ def test_hostile_folder_embeds_to_rc0(tmp_path, crashing_decoder):
     check_output(out, made, reasons)
     log = done.stdout + done.stderr
     assert "train/stray.jpg" in log and "valid/empty_class" in log  # reported, not silently ignored
-    errors_before = {s: (out / s / store.ERRORS).read_text() for s in ("train",)}
+    errors_before = {s: (split_folder(out, s) / store.ERRORS).read_text() for s in ("train",)}
 
     again = run_job(tmp_path / "images", out, "num_workers=1", env=env)
 
     assert again.returncode == 0, again.stderr[-3000:]
     check_output(out, made, reasons)
-    assert {s: (out / s / store.ERRORS).read_text() for s in ("train",)} == errors_before  # nothing retried
+    assert {s: (split_folder(out, s) / store.ERRORS).read_text() for s in ("train",)} == errors_before  # nothing retried
