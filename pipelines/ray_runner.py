@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from pipelines import store
+from pipelines.config import UserError
 from pipelines.data import DEFAULT_MAX_PIXELS, ImageRecord
 from pipelines.isolate import IsolatedDecoder
 from pipelines.runner import PartWriter, SplitStats, record_errors, start_split, write_split
@@ -125,11 +126,11 @@ def resolve_actors(
     cluster_gpus = resources.get("GPU", 0.0)
     gpus = (1.0 if cluster_gpus > 0 else 0.0) if num_gpus_per_actor == "auto" else float(num_gpus_per_actor)
     if gpus > cluster_gpus:
-        raise ValueError(f"runner.num_gpus_per_actor={gpus}: the Ray cluster has {cluster_gpus:g} GPU(s)")
+        raise UserError(f"runner.num_gpus_per_actor={gpus}: the Ray cluster has {cluster_gpus:g} GPU(s)")
     if num_actors != "auto":
         actors = int(num_actors)
         if actors < 1:
-            raise ValueError(f"runner.num_actors={num_actors}: need at least one encoder actor")
+            raise UserError(f"runner.num_actors={num_actors}: need at least one encoder actor")
     elif gpus > 0:
         actors = int(cluster_gpus // gpus)
     else:

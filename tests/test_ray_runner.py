@@ -26,7 +26,7 @@ import pytest
 from hydra.utils import instantiate
 
 from pipelines import ray_runner, store
-from pipelines.config import REPO_ROOT
+from pipelines.config import REPO_ROOT, UserError
 from pipelines.data import list_split
 from pipelines.embed import run_embed
 
@@ -209,9 +209,9 @@ def test_rerun_after_kill_embeds_only_what_is_missing(ray_cluster, dataset_root,
 def test_actors_default_to_cpu_without_gpus_and_a_gpu_request_is_refused(ray_cluster):
     assert ray_runner.resolve_actors(num_actors="auto", num_gpus_per_actor="auto", num_cpus_per_actor=1) == (0.0, 1)
     assert ray_runner.resolve_actors(num_actors=3, num_gpus_per_actor=0, num_cpus_per_actor=1) == (0.0, 3)
-    with pytest.raises(ValueError, match="num_gpus_per_actor=1.0: the Ray cluster has 0 GPU"):
+    with pytest.raises(UserError, match="num_gpus_per_actor=1.0: the Ray cluster has 0 GPU"):
         ray_runner.resolve_actors(num_actors="auto", num_gpus_per_actor=1, num_cpus_per_actor=1)
-    with pytest.raises(ValueError, match="num_actors=0"):
+    with pytest.raises(UserError, match="num_actors=0"):
         ray_runner.resolve_actors(num_actors=0, num_gpus_per_actor=0, num_cpus_per_actor=1)
 
 
