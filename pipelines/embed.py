@@ -159,14 +159,15 @@ def run_embed(
     compile: bool = False,
     max_image_pixels: int | str | None = "auto",
 ) -> dict[str, Any]:
-    """Embed `root/<split>/<class>/*` for each split into `output_dir/<split>/`; returns the summary.
+    """Embed `root/<split>/<class>/*` for each split into `output_dir/split=<split>/`; returns the summary.
 
     `runner` embeds one split: the local `pipelines.runner.embed_split` (None, the default) or another with the
     same keyword arguments, e.g. `pipelines.ray_runner.embed_split` with its settings bound. `compile`:
     torch.compile the model for `batch_size` (the last, smaller batch is padded, so nothing recompiles).
     `max_image_pixels`: larger images are error records (checked from their header); None = no limit; "auto" =
     the runner's default (PIL's decompression-bomb threshold). Settings, the device and the output folder are checked before the dataset is listed or the model loaded;
-    the job holds `output_dir`'s lock for its shard until it returns.
+    the job holds `output_dir`'s lock for its shard until it returns. An output directory in the layout before
+    0.2.0 is refused with the command that converts it (`pipelines.upgrade`).
     """
     check_settings(batch_size=batch_size, rows_per_part=rows_per_part, num_workers=num_workers,
                    shard_index=shard_index, shard_count=shard_count, dtype=dtype, device=device,
@@ -180,6 +181,7 @@ def run_embed(
                         f"remove {output_dir} once, then start the shards")
     check_device(device)
     store.check_location(output_dir, root=root, splits=splits)
+    store.check_layout(output_dir)
     if overwrite:
         store.check_overwrite(output_dir, protected=[root])
     check_output_dir(output_dir)
@@ -202,6 +204,7 @@ def _run_locked(*, root: Path, splits: list[str], output_dir: Path, model: str, 
     from pipelines.siglip import load_encoder
 
     runner = runner or embed_split
+    store.check_layout(output_dir)  # again under the lock: a conversion may have run in between
     if overwrite:
         store.clear_output(output_dir, protected=[root])  # checked again under the lock
     listings = {split: list_files(root, split, shard_index=shard_index, shard_count=shard_count) for split in splits}
@@ -212,7 +215,7 @@ def _run_locked(*, root: Path, splits: list[str], output_dir: Path, model: str, 
     # The root is recorded for readers (validate, notebooks) that look for the images; it is not an identity key.
     store.prepare_output(output_dir, {**encoder.metadata(), "dataset_root": str(root.resolve())}, overwrite=False)
     prefix = f"shard{shard_index}of{shard_count}"
-    before = {split: _part_names(output_dir / split, prefix) for split in splits}
+    before = {split: _part_names(store.split_dir(output_dir, split), prefix) for split in splits}
     try:
         return _embed_splits(listings, encoder=encoder, root=root, output_dir=output_dir, runner=runner,
                              batch_size=batch_size, workers=workers, rows_per_part=rows_per_part, prefix=prefix,
@@ -241,7 +244,7 @@ def _embed_splits(listings: dict[str, Listed], *, encoder: Any, root: Path, outp
                        shard_count=shard_count, num_workers=workers, batch_size=settings["batch_size"],
                        compile=compile)
     summary["listing"] = {split: listed.notes() for split, listed in listings.items()}
-    _save_summary(output_dir / ("summary.json" if shard_count == 1 else f"summary-{prefix}.json"), summary)
+    _save_summary(store.summary_path(output_dir, shard_index=shard_index, shard_count=shard_count), summary)
     return summary
 
 
@@ -251,8 +254,10 @@ def _part_names(split_dir: Path, prefix: str) -> set[str]:
 
 def _saved_message(output_dir: Path, before: dict[str, set[str]], prefix: str) -> str:
     """'N rows saved ...': the rows of the parts this run wrote, read from their footers."""
-    saved = sum(store.rows_in(output_dir / split, _part_names(output_dir / split, prefix) - names)
-                for split, names in before.items())
+    saved = 0
+    for split, names in before.items():
+        folder = store.split_dir(output_dir, split)
+        saved += store.rows_in(folder, _part_names(folder, prefix) - names)
     return (f"{saved} newly embedded rows saved in {output_dir}; rerun the same command to resume "
             "(nothing is embedded twice)")
 
@@ -301,7 +306,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['model_s']:.1f} s, writing {summary['write_s']:.1f} s in background) -> {summary['output_dir']}"
         )
     if summary["errors"]:
-        lines.append(f"undecodable files are listed in {summary['output_dir']}/<split>/{store.ERRORS}")
+        lines.append(f"undecodable files are listed in {store.split_dir(summary['output_dir'], '<split>')}/"
+                     f"{store.ERRORS}")
     for split, notes in summary.get("listing", {}).items():
         for what, items in notes.items():
             if items:

@@ -327,7 +327,7 @@ def start_split(
 
     Clears this prefix's temporary files a killed run left; embedded and recorded-as-error paths are done.
     """
-    split_dir = Path(output_dir) / split
+    split_dir = store.split_dir(output_dir, split)
     store.remove_stale_tmp(split_dir, prefix)
     done = store.done_paths(split_dir)
     todo = [r for r in records if r.path not in done]

@@ -1,12 +1,15 @@
-"""The Parquet store: schema, atomic part writer, errors file, resume state, reader.
+"""The Parquet store: schema, atomic part writer, errors file, resume state, reader, layout upgrade.
 
-Layout under an output directory:
-    <output_dir>/embeddings.json            model metadata; a run with other settings is refused
-    <output_dir>/<split>/part-*.parquet     path, label, embedding (fixed_size_list<float32>[D])
-    <output_dir>/<split>/errors.jsonl       one {"path", "label", "error"} per undecodable file
-    <output_dir>/summary*.json              what each run did
-    <output_dir>/.lock*                      the running jobs' locks (one writer per output and shard)
-Knows the schema and nothing of models.
+An output directory is itself a Parquet dataset, hive-partitioned by split: pandas, pyarrow, polars and duckdb
+read it whole and get exactly the embedded rows with a `split` column. Bookkeeping has names those readers skip
+(`_` or `.` prefix, or not `.parquet`):
+    <output_dir>/_embeddings.json                   model metadata; a run with other settings is refused
+    <output_dir>/split=<split>/part-*.parquet       path, label, embedding (fixed_size_list<float32>[D])
+    <output_dir>/split=<split>/_errors.jsonl        one {"path", "label", "error"} per undecodable file
+    <output_dir>/_summary.json, _summary-shard<i>of<n>.json   what each run did
+    <output_dir>/.lock*                             the running jobs' locks (one writer per output and shard)
+    <output_dir>-validation/                        pipelines.validate's default output, outside the dataset
+`split_dir` is the one place that maps a split to its folder. Knows the schema and nothing of models.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import uuid
 from collections import Counter
@@ -36,12 +40,19 @@ from pipelines.config import UserError
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"pipelines"
-MANIFEST = "embeddings.json"
-ERRORS = "errors.jsonl"
+MANIFEST = "_embeddings.json"
+SUMMARY = "_summary.json"
+ERRORS = "_errors.jsonl"
 PART_GLOB = "part-*.parquet"
-VALIDATION = "validation"
+PARTITION = "split"  # the hive partition key: <output_dir>/split=<name>/
+VALIDATION_SUFFIX = "-validation"  # pipelines.validate's default output: the sibling <output_dir>-validation/
 VALIDATION_FILES = ("report.json", "per_class.csv", "predictions.parquet", "per_class.png")
 LOCK_PREFIX = ".lock"
+UPGRADE_COMMAND = "python -m pipelines.upgrade"
+# The layout before 0.2.0: <split>/part-*.parquet, <split>/errors.jsonl, embeddings.json, summary*.json and
+# validation/ inside the output directory. `upgrade_layout` converts it in place.
+LEGACY_MANIFEST, LEGACY_ERRORS, LEGACY_VALIDATION = "embeddings.json", "errors.jsonl", "validation"
+LEGACY_SUMMARIES = ("summary.json", "summary-*.json")
 # Settings that must agree for two runs to share one output directory.
 IDENTITY_KEYS = ("model", "revision", "embedding_dim", "dtype", "image_size", "preprocess")
 
@@ -49,10 +60,9 @@ IDENTITY_KEYS = ("model", "revision", "embedding_dim", "dtype", "image_size", "p
 # directory only when each entry in it matches. The one place to change when the layout changes.
 #   files: patterns of the top-level files; hidden names are locks and temporary files (write, fsync, rename)
 #   folders: a folder's name pattern -> the patterns of the files it may hold (no subfolders); first match wins
-OWN_FILES = (MANIFEST, "summary.json", "summary-*.json", ".*")
+OWN_FILES = (MANIFEST, SUMMARY, "_summary-*.json", ".*")
 OWN_FOLDERS = {
-    VALIDATION: (*VALIDATION_FILES, ".*"),  # pipelines.validate's default output
-    "*": (PART_GLOB, ERRORS, ".*"),         # a split folder
+    f"{PARTITION}=*": (PART_GLOB, ERRORS, ".*"),  # a split folder
 }
 
 
@@ -68,8 +78,74 @@ class OutputBusyError(UserError):
     """Another job holds the lock of this output directory and shard."""
 
 
+class OldLayoutError(UserError):
+    """The output directory is in the layout before 0.2.0; `python -m pipelines.upgrade DIR` converts it."""
+
+
 class UnsafeOutputError(UserError):
     """`output_dir` overlaps the dataset, or `overwrite` would delete something this project did not write."""
+
+
+def split_dir(output_dir: str | Path, split: str) -> Path:
+    """The folder of one split's parts and errors file: `<output_dir>/split=<split>` (a hive partition).
+
+    '%' and '=' in the name are percent-encoded, which every reader of hive partitions decodes back; a name that
+    cannot be a folder under the dataset root is refused (UserError).
+    """
+    if not isinstance(split, str) or split in ("", ".", "..") or "/" in split or "\0" in split:
+        raise UserError(f"split {split!r}: expected the name of a folder under the dataset root")
+    return Path(output_dir) / f"{PARTITION}={split.replace('%', '%25').replace('=', '%3D')}"
+
+
+def summary_path(output_dir: str | Path, *, shard_index: int, shard_count: int) -> Path:
+    """`_summary.json`, or `_summary-shard<i>of<n>.json` for one shard of several."""
+    name = SUMMARY if shard_count == 1 else f"_summary-shard{shard_index}of{shard_count}.json"
+    return Path(output_dir) / name
+
+
+def validation_dir(output_dir: str | Path) -> Path:
+    """pipelines.validate's default output: the sibling `<output_dir>-validation` (outside the dataset, so that
+    `**/*.parquet` readers of the embeddings never meet predictions.parquet)."""
+    out = Path(output_dir)
+    if out.name in ("", ".", ".."):
+        out = out.resolve()  # '.', '..', 'a/..': name the folder itself
+    if not out.name:
+        raise UserError(f"embeddings_dir={output_dir} has no folder name to put '{VALIDATION_SUFFIX}' after; "
+                        "give output_dir= for the validation outputs")
+    return out.with_name(out.name + VALIDATION_SUFFIX)
+
+
+def _legacy_split(folder: Path) -> bool:
+    """A split folder of the old layout: parts or an errors file directly under a plain `<split>/` folder."""
+    return (any(folder.glob(PART_GLOB)) or (folder / LEGACY_ERRORS).is_file()
+            or (folder / ERRORS).is_file())  # an upgrade stopped between renaming the errors file and the folder
+
+
+def legacy_entries(output_dir: str | Path) -> list[str]:
+    """Entries of the layout before 0.2.0 directly under `output_dir` (folders end in '/'); [] when none."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for entry in sorted(out.iterdir()):
+        if entry.name.startswith((".", "_", f"{PARTITION}=")):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if _legacy_split(entry) or (entry.name == LEGACY_VALIDATION
+                                        and any((entry / f).exists() for f in VALIDATION_FILES)):
+                found.append(f"{entry.name}/")
+        elif entry.name == LEGACY_MANIFEST or any(fnmatch.fnmatchcase(entry.name, p) for p in LEGACY_SUMMARIES):
+            found.append(entry.name)
+    return found
+
+
+def check_layout(output_dir: str | Path) -> None:
+    """Refuse an output directory in the layout before 0.2.0 (OldLayoutError: one line saying how to convert)."""
+    legacy = legacy_entries(output_dir)
+    if legacy:
+        shown = ", ".join(legacy[:3]) + (", ..." if len(legacy) > 3 else "")
+        raise OldLayoutError(f"{output_dir} is in the layout before version 0.2 ({shown}); convert it in place "
+                             f"with `{UPGRADE_COMMAND} {shlex.quote(str(output_dir))}` (renames only), then rerun")
 
 
 def schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
@@ -210,6 +286,7 @@ def prepare_output(output_dir: Path, metadata: dict[str, Any], *, overwrite: boo
     `overwrite` first empties the directory, only when `check_overwrite` finds nothing but our files in it.
     """
     output_dir = Path(output_dir)
+    check_layout(output_dir)
     if overwrite:
         clear_output(output_dir, protected=protected)
     with writing(output_dir):
@@ -232,7 +309,11 @@ def foreign_entries(output_dir: Path) -> list[str]:
     foreign = []
     for entry in sorted(Path(output_dir).iterdir()):
         if entry.is_dir() and not entry.is_symlink():
-            allowed = next(files for pattern, files in OWN_FOLDERS.items() if fnmatch.fnmatchcase(entry.name, pattern))
+            allowed = next((files for pattern, files in OWN_FOLDERS.items()
+                            if fnmatch.fnmatchcase(entry.name, pattern)), None)
+            if allowed is None:
+                foreign.append(f"{entry.name}/")
+                continue
             foreign += [f"{entry.name}/{inner.name}" for inner in sorted(entry.iterdir())
                         if inner.is_dir() or not any(fnmatch.fnmatchcase(inner.name, p) for p in allowed)]
         elif not any(fnmatch.fnmatchcase(entry.name, p) for p in OWN_FILES):
@@ -240,7 +321,7 @@ def foreign_entries(output_dir: Path) -> list[str]:
     return foreign
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path, folder: Path) -> bool:
     """Whether `path` is `folder` or lies under it (both resolved)."""
     return path == folder or folder in path.parents
 
@@ -252,8 +333,9 @@ def check_location(output_dir: Path, *, root: Path, splits: Sequence[str]) -> No
         raise UnsafeOutputError(f"output_dir={output_dir} is the dataset root (dataset.root={root}): the parts "
                                 "would be written among the images; choose another output_dir")
     for split in splits:
-        if _inside(out / split, data / split) or _inside(data / split, out / split):
-            raise UnsafeOutputError(f"output_dir={output_dir}: its {split}/ folder and the dataset's "
+        ours = split_dir(out, split)
+        if is_inside(ours, data / split) or is_inside(data / split, ours):
+            raise UnsafeOutputError(f"output_dir={output_dir}: its {ours.name}/ folder and the dataset's "
                                     f"{data / split} overlap (the parts would be listed as images); "
                                     "choose an output_dir outside the dataset's split folders")
 
@@ -269,12 +351,12 @@ def check_overwrite(output_dir: Path, *, protected: Sequence[Path] = ()) -> None
         return
     out, home = output_dir.resolve(), Path.home().resolve()
     refuse = f"overwrite=true refuses to delete output_dir={output_dir}"
-    if out == Path(out.anchor) or _inside(home, out):
+    if out == Path(out.anchor) or is_inside(home, out):
         what = ("the filesystem root" if out == Path(out.anchor) else
                 "your home directory" if out == home else "a folder holding your home directory")
         raise UnsafeOutputError(f"{refuse}: it is {what}; choose another output_dir")
     for folder in protected:
-        if _inside(Path(folder).resolve(), out):
+        if is_inside(Path(folder).resolve(), out):
             raise UnsafeOutputError(f"{refuse}: it holds the dataset ({folder}); choose another output_dir")
     if not output_dir.is_dir() or output_dir.is_symlink():
         raise UnsafeOutputError(f"{refuse}: it is not a folder this project made; remove it yourself or choose "
@@ -361,18 +443,19 @@ def read_metadata(part: Path) -> dict[str, Any]:
 
 
 def read_split(output_dir: str | Path, split: str) -> Split:
-    """All rows of a split, sorted by path; refuses parts whose metadata disagree."""
-    split_dir = Path(output_dir) / split
-    found = parts(split_dir)
+    """All rows of a split, sorted by path; refuses parts whose metadata disagree, and the old layout."""
+    check_layout(output_dir)
+    folder = split_dir(output_dir, split)
+    found = parts(folder)
     if not found:
-        raise FileNotFoundError(f"no {PART_GLOB} under {split_dir}")
+        raise FileNotFoundError(f"no {PART_GLOB} under {folder}")
     metadata = read_metadata(found[0])
     for part in found[1:]:
         check_same(metadata, read_metadata(part), what=str(part))
     tables = [read_part(part) for part in found]
     meta = tables[0].schema.metadata
     table = pa.concat_tables([t.replace_schema_metadata(meta) for t in tables]).sort_by("path")
-    check_unique(table.column("path").to_pylist(), where=str(split_dir))
+    check_unique(table.column("path").to_pylist(), where=str(folder))
     return Split(
         paths=table.column("path").to_pylist(),
         labels=table.column("label").to_pylist(),
@@ -519,3 +602,74 @@ def rows_in(split_dir: Path, names: Iterable[str]) -> int:
         with contextlib.suppress(pa.ArrowException, OSError):
             total += pq.read_metadata(Path(split_dir) / name).num_rows
     return total
+
+
+def _upgrade_plan(out: Path) -> list[tuple[Path, Path]]:
+    """The renames that bring `out` from the layout before 0.2.0 to this one, in a safe order: inside a split
+    folder first, then the folder; the manifest last (until it moves, the folder still reads as the old layout)."""
+    plan: list[tuple[Path, Path]] = []
+    for name in legacy_entries(out):
+        entry = out / name.rstrip("/")
+        if not name.endswith("/"):
+            continue
+        if _legacy_split(entry):
+            if (entry / LEGACY_ERRORS).is_file():
+                plan.append((entry / LEGACY_ERRORS, entry / ERRORS))
+            plan.append((entry, split_dir(out, entry.name)))
+        else:
+            plan.append((entry, validation_dir(out)))  # the old validate output: out of the dataset
+    for name in legacy_entries(out):
+        if not name.endswith("/") and name != LEGACY_MANIFEST:
+            plan.append((out / name, out / f"_{name}"))
+    if (out / LEGACY_MANIFEST).is_file():
+        plan.append((out / LEGACY_MANIFEST, out / MANIFEST))
+    return plan
+
+
+@contextlib.contextmanager
+def _no_job_writing(out: Path) -> Iterator[None]:
+    """Hold `out`'s mutex (a job starting now waits at `lock_output`), refusing while any job holds a lock."""
+    mutex = _open_lock(out / LOCK_PREFIX)
+    try:
+        fcntl.flock(mutex, fcntl.LOCK_EX)
+        held = [p for p in sorted(out.glob(f"{LOCK_PREFIX}-*")) if p.is_file() and _is_held(p)]
+        if held:
+            pids = sorted({_holder(p) for p in held if "-shard" in p.name}) or ["unknown"]
+            raise OutputBusyError(f"{out} is being written by a job (pid {', '.join(pids)}); wait for it to "
+                                  "finish, or stop it, then convert it")
+        yield
+    finally:
+        os.close(mutex)
+
+
+def upgrade_layout(output_dir: str | Path) -> list[tuple[Path, Path]]:
+    """Convert an output directory of the layout before 0.2.0 in place, by renames only; the renames done.
+
+    Safe to rerun after an interruption (each rename is atomic, done ones are not planned again); refused while a
+    job holds the directory's lock, and before any rename when a target already exists (UserError).
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise UserError(f"{out}: no such folder")
+    with _no_job_writing(out):
+        plan = _upgrade_plan(out)
+        taken = [dst for _, dst in plan if dst.exists() or dst.is_symlink()]
+        if taken:
+            raise UserError(f"cannot convert {out}: {taken[0]} exists already (beside "
+                            f"{next(src for src, dst in plan if dst == taken[0])}); move one of them away, then rerun")
+        with writing(out, then="then rerun the conversion"):
+            for src, dst in plan:
+                os.rename(src, dst)
+                log.info("renamed %s -> %s", src, dst)
+            for folder in {out.parent, *(d for _, dst in plan for d in (dst, dst.parent) if d.is_dir())}:
+                _fsync_dir(folder)
+    return plan
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,7 +1,8 @@
 """`python -m pipelines.validate`: few-shot k-NN accuracy of stored embeddings (train split -> query split).
 
-Reads the embed job's Parquet (never runs the model), votes with `pipelines.knn`, and writes under
-`<embeddings_dir>/validation/`: report.json, per_class.csv, predictions.parquet and per_class.png.
+Reads the embed job's Parquet (never runs the model), votes with `pipelines.knn`, and writes to the sibling folder
+`<embeddings_dir>-validation/` (outside the embeddings' Parquet dataset): report.json, per_class.csv,
+predictions.parquet and per_class.png.
 pandas, matplotlib and the k-NN backends (scikit-learn, torch) are imported where they are used, so that
 `--cfg job` and bad settings answer in a moment.
 """
@@ -227,7 +228,10 @@ def run_validate(
     output_dir: str | Path | None = None,
     worst: int = 20,
 ) -> dict[str, Any]:
-    """k-NN of `query_split` against `train_split` in `embeddings_dir`; writes the outputs, returns the report."""
+    """k-NN of `query_split` against `train_split` in `embeddings_dir`; writes the outputs, returns the report.
+
+    `output_dir`: None = `<embeddings_dir>-validation` (`store.validation_dir`); never inside `embeddings_dir`.
+    """
     from pipelines import knn
 
     start = time.perf_counter()
@@ -236,6 +240,7 @@ def run_validate(
         raise UserError(f"episodes={episodes}: expected at least 1")
     backend = knn.make_backend(backend) if isinstance(backend, str) else backend
     embeddings_dir = Path(embeddings_dir)
+    out = output_location(embeddings_dir, output_dir)
     data = load_splits(embeddings_dir, train_split, query_split)
     read_s = time.perf_counter() - start
     n_classes = len(data.classes)
@@ -263,9 +268,20 @@ def run_validate(
         "per_episode": tally.episodes,
     }
     predictions = predictions_frame(first, data, rows=draws[0])
-    _write(Path(output_dir) if output_dir else embeddings_dir / "validation", report, table, predictions,
-           worst=worst, read_s=read_s, start=start)
+    _write(out, report, table, predictions, worst=worst, read_s=read_s, start=start)
     return report
+
+
+def output_location(embeddings_dir: Path, output_dir: str | Path | None) -> Path:
+    """Where the outputs go: `output_dir`, or the sibling `<embeddings_dir>-validation`. A folder inside
+    `embeddings_dir` is refused (UserError): readers of the embeddings (`**/*.parquet`) would take in
+    predictions.parquet."""
+    out = store.validation_dir(embeddings_dir) if output_dir in (None, "") else Path(output_dir)
+    if store.is_inside(out.resolve(), embeddings_dir.resolve()):
+        raise UserError(f"output_dir={output_dir}: lies inside embeddings_dir={embeddings_dir}, whose Parquet "
+                        "readers would take predictions.parquet for embeddings; choose a folder outside it "
+                        f"(the default, output_dir=null, is {store.validation_dir(embeddings_dir)})")
+    return out
 
 
 def _codes(labels: list[str], classes: list[str]) -> np.ndarray:

@@ -38,7 +38,8 @@ def run(root: Path, out: Path, model: str = "tiny", **kwargs) -> dict:
 
 
 def all_paths(out: Path, split: str) -> list[str]:
-    return [p for part in store.parts(out / split) for p in pq.read_table(part, columns=["path"])["path"].to_pylist()]
+    return [p for part in store.parts(store.split_dir(out, split))
+            for p in pq.read_table(part, columns=["path"])["path"].to_pylist()]
 
 
 def test_cli_embeds_the_sample(tmp_path):
@@ -51,7 +52,7 @@ def test_cli_embeds_the_sample(tmp_path):
         assert data.embeddings.shape == (n, 32) and np.isfinite(data.embeddings).all()
         assert data.paths == [r.path for r in list_split(REPO_ROOT / "data" / "sample", split)]
         assert data.metadata["model"] == "tiny"
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / store.SUMMARY).read_text())
     assert summary["images"] == 300 and summary["errors"] == 0 and summary["images_per_s"] > 0
     assert {"read_s", "model_s", "write_s"} <= summary.keys()
 
@@ -80,7 +81,7 @@ def test_bad_files_are_recorded_and_skipped(tmp_path, image_root, photo_bytes):
     for rel, data in bad.items():
         (image_root / rel).write_bytes(data)
     summary = run(image_root, tmp_path / "out")
-    errors = store.read_errors(tmp_path / "out" / "valid")
+    errors = store.read_errors(store.split_dir(tmp_path / "out", "valid"))
     assert sorted(e["path"] for e in errors) == sorted(bad)
     assert all(e["error"] for e in errors) and {e["label"] for e in errors} == {"bag", "trouser"}
     listed = len(list_split(image_root, "train")) + len(list_split(image_root, "valid"))
@@ -88,7 +89,7 @@ def test_bad_files_are_recorded_and_skipped(tmp_path, image_root, photo_bytes):
     assert not set(bad) & set(all_paths(tmp_path / "out", "valid"))
     again = run(image_root, tmp_path / "out")  # recorded files are done, not retried
     assert again["images"] == 0 and again["errors"] == 0 and again["already_done"] == listed
-    assert len((tmp_path / "out" / "valid" / store.ERRORS).read_text().splitlines()) == 3
+    assert len((tmp_path / "out" / "split=valid" / "_errors.jsonl").read_text().splitlines()) == 3
 
 
 def test_kill_9_then_resume_embeds_each_image_once(tmp_path):
@@ -97,7 +98,7 @@ def test_kill_9_then_resume_embeds_each_image_once(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.embed", *args], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not store.parts(out / "train") and time.monotonic() < deadline and proc.poll() is None:
+    while not store.parts(store.split_dir(out, "train")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -105,7 +106,7 @@ def test_kill_9_then_resume_embeds_each_image_once(tmp_path):
     assert 0 < len(before) < 300, "the kill should land partway through the job"
     result = embed_cli(*args)
     assert result.returncode == 0, result.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
     assert summary["already_done"] == len(before) and summary["images"] == 300 - len(before)
     after = all_paths(out, "train") + all_paths(out, "valid")
     assert len(after) == len(set(after)) == 300
@@ -126,7 +127,7 @@ def test_another_model_into_the_same_directory_is_refused(tmp_path, image_root, 
 def test_shards_fill_one_directory(tmp_path, image_root):
     for index in range(3):
         summary = run(image_root, tmp_path / "out", shard_index=index, shard_count=3)
-        assert (tmp_path / "out" / f"summary-shard{index}of3.json").exists()
+        assert (tmp_path / "out" / f"_summary-shard{index}of3.json").exists()
         assert summary["settings"]["shard_index"] == index
     for split in ("train", "valid"):
         paths = all_paths(tmp_path / "out", split)
@@ -144,3 +145,28 @@ def test_cli_errors_are_one_line(tmp_path):
     result = embed_cli("model=tiny", "dataset=imagenet")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: dataset.root is required" in result.stderr
+
+
+def test_an_output_in_the_old_layout_is_refused_then_converted(tmp_path, image_root):
+    """An output of pipelines 0.1 gets one line naming the conversion, before anything is written; converted,
+    the same command resumes it (nothing embedded twice)."""
+    out = tmp_path / "out"
+    run(image_root, out, splits=["valid"])
+    for split_folder in out.glob("split=*"):  # back to the layout before 0.2.0
+        split_folder.rename(out / split_folder.name.removeprefix("split="))
+    (out / store.MANIFEST).rename(out / "embeddings.json")
+    (out / store.SUMMARY).rename(out / "summary.json")
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if not p.name.startswith(".lock"))
+    result = embed_cli("model=tiny", f"dataset.root={image_root}", "splits=[valid]", f"output_dir={out}",
+                       "progress=false", "num_workers=0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {out} is in the layout before version 0.2 (embeddings.json, summary.json, valid/); convert it in "
+        f"place with `python -m pipelines.upgrade {out}` (renames only), then rerun")
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if not p.name.startswith(".lock")) == before
+    converted = subprocess.run([sys.executable, "-m", "pipelines.upgrade", str(out)], check=False, capture_output=True,
+                               text=True, timeout=120)
+    assert converted.returncode == 0, converted.stderr
+    again = run(image_root, out, splits=["valid"])
+    assert again["images"] == 0 and again["already_done"] == len(list_split(image_root, "valid"))
+    assert sorted(all_paths(out, "valid")) == [r.path for r in list_split(image_root, "valid")]

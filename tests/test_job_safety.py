@@ -54,7 +54,7 @@ def run(root: Path, out: Path, **kwargs) -> dict:
 
 
 def all_paths(out: Path, splits=("train", "valid")) -> list[str]:
-    return [p for split in splits for part in store.parts(out / split)
+    return [p for split in splits for part in store.parts(store.split_dir(out, split))
             for p in pq.read_table(part, columns=["path"])["path"].to_pylist()]
 
 
@@ -137,7 +137,7 @@ def test_overwrite_refuses_the_dataset_root_and_its_split_folders(tmp_path, data
     for overwrite in (True, False):
         with pytest.raises(store.UnsafeOutputError, match=f"output_dir={dataset} is the dataset root"):
             run(dataset, dataset, overwrite=overwrite)
-    with pytest.raises(store.UnsafeOutputError, match="its train/ folder and the dataset's .* overlap"):
+    with pytest.raises(store.UnsafeOutputError, match="its split=train/ folder and the dataset's .* overlap"):
         run(dataset, dataset / "train" / "embeddings")
     # A folder holding the dataset, even one that looks like our output.
     store.write_json(tmp_path / store.MANIFEST, {})
@@ -152,25 +152,29 @@ def test_overwrite_refuses_a_folder_we_did_not_make(tmp_path, dataset):
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "notes.txt").write_text("keep me")
-    with pytest.raises(store.UnsafeOutputError, match=f"output_dir={notes}: it has no embeddings.json"):
+    with pytest.raises(store.UnsafeOutputError, match=f"output_dir={notes}: it has no _embeddings.json"):
         run(dataset, notes, overwrite=True)
     assert tree(notes) == {"notes.txt": b"keep me"} and sorted(p.name for p in notes.iterdir()) == ["notes.txt"]
 
     out = tmp_path / "out"
     run(dataset, out, splits=["valid"])
     (out / "notes.txt").write_text("mine")
-    (out / "valid" / "by-hand").mkdir()
-    with pytest.raises(store.UnsafeOutputError, match=r"files this project did not write \(notes.txt, valid/by-hand\)"):
+    (store.split_dir(out, "valid") / "by-hand").mkdir()
+    with pytest.raises(store.UnsafeOutputError,
+                       match=r"files this project did not write \(notes.txt, split=valid/by-hand\)"):
         run(dataset, out, splits=["valid"], overwrite=True)
     assert (out / "notes.txt").read_text() == "mine" and len(all_paths(out, ["valid"])) == 200
 
     (out / "notes.txt").unlink()
-    (out / "valid" / "by-hand").rmdir()
-    run_validate(embeddings_dir=out, train_split="valid", query_split="valid")  # validation/ is ours too
+    (store.split_dir(out, "valid") / "by-hand").rmdir()
+    (out / "split=old").mkdir()  # a folder of ours with nothing in it (a split all of whose files failed)
+    report = run_validate(embeddings_dir=out, train_split="valid", query_split="valid")  # beside out, not in it
     summary = run(dataset, out, splits=["valid"], overwrite=True)
     assert summary["images"] == 200 and sorted(all_paths(out, ["valid"])) == [r.path for r in
                                                                             list_split(dataset, "valid")]
-    assert not (out / store.VALIDATION).exists()
+    assert not (out / "split=old").exists()
+    assert Path(report["files"]["report"]).parent == store.validation_dir(out)  # outside: overwrite leaves it
+    assert Path(report["files"]["report"]).is_file()
 
 
 def test_overwrite_never_deletes_home_or_root(tmp_path, dataset, monkeypatch):
@@ -234,7 +238,7 @@ def test_two_racing_jobs_one_is_refused_and_nothing_is_duplicated(tmp_path):
 def test_other_shards_run_side_by_side_and_kill_9_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "out"
     first = start_job(out, "shard.count=2", "shard.index=0", "batch_size=4", "num_workers=1", "rows_per_part=8")
-    wait_for(lambda: store.parts(out / "train"), first, "shard 0 writes parts")
+    wait_for(lambda: store.parts(store.split_dir(out, "train")), first, "shard 0 writes parts")
     with stopped(first):
         children = psutil.Process(first.pid).children(recursive=True)
         assert children, "the job should have a decode worker"
@@ -255,14 +259,15 @@ def test_other_shards_run_side_by_side_and_kill_9_leaves_no_stale_lock(tmp_path)
 def test_validate_refuses_a_split_holding_a_path_twice(tmp_path, dataset):
     out = tmp_path / "out"
     run(dataset, out, splits=["valid"])
-    part = store.parts(out / "valid")[0]
-    store.write_part(out / "valid", pq.read_table(part).slice(0, 7), prefix="shard0of1")  # as a second writer would
+    part = store.parts(store.split_dir(out, "valid"))[0]
+    # as a second writer would
+    store.write_part(store.split_dir(out, "valid"), pq.read_table(part).slice(0, 7), prefix="shard0of1")
     message = "holds 7 path(s) more than once (7 duplicate rows, e.g. valid/"
     with pytest.raises(store.CorruptPartError, match=re.escape(message)):
         run_validate(embeddings_dir=out, train_split="valid", query_split="valid")
     result = subprocess.run([sys.executable, "-m", "pipelines.validate", f"embeddings_dir={out}", "train_split=valid"], check=False,
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert one_line_error(result).startswith(f"error: {out / 'valid'} {message}")
+    assert one_line_error(result).startswith(f"error: {store.split_dir(out, 'valid')} {message}")
 
 
 # --- 3. settings checked before the model loads -------------------------------------------------------------------
@@ -414,7 +419,7 @@ def test_a_real_full_disk_is_one_line_and_the_rerun_resumes(tmp_path):
 def test_a_corrupt_part_on_resume_is_named_with_what_to_do(tmp_path, dataset):
     out = tmp_path / "out"
     run(dataset, out, splits=["valid"], rows_per_part=50, batch_size=10)
-    broken = store.parts(out / "valid")[1]
+    broken = store.parts(store.split_dir(out, "valid"))[1]
     broken.write_bytes(broken.read_bytes()[:300])  # truncated
     expected = f"^{broken} is not a readable part \\(.*\\); delete it and rerun the embed job: its rows are embedded"
     with pytest.raises(store.CorruptPartError, match=expected):
@@ -437,7 +442,7 @@ def test_interrupt_saves_rows_and_the_rerun_resumes(tmp_path, sig, to_group, rc)
     out = tmp_path / "out"
     args = ("splits=[train]", "batch_size=4", "rows_per_part=8", "num_workers=1")  # 100 images
     job = start_job(out, *args)
-    wait_for(lambda: store.parts(out / "train"), job, "the first part is written")
+    wait_for(lambda: store.parts(store.split_dir(out, "train")), job, "the first part is written")
     with stopped(job):  # the signal is delivered when it resumes, mid-job
         assert job.poll() is None
         if to_group:
@@ -456,7 +461,7 @@ def test_interrupt_saves_rows_and_the_rerun_resumes(tmp_path, sig, to_group, rc)
     assert again.returncode == 0, again.stderr[-3000:]
     paths = all_paths(out, ["train"])
     assert sorted(paths) == [r.path for r in list_split(SAMPLE, "train")]
-    assert json.loads((out / "summary.json").read_text())["already_done"] == len(saved)
+    assert json.loads((out / store.SUMMARY).read_text())["already_done"] == len(saved)
 
 
 # --- 6. small items: no-op resume summary, multirun, fast entry points --------------------------------------------
@@ -467,7 +472,7 @@ def test_a_resume_with_nothing_to_do_keeps_the_last_summary(tmp_path, dataset):
     first = run(dataset, out, splits=["valid"])
     again = run(dataset, out, splits=["valid"])
     assert again["images"] == 0 and again["already_done"] == 200
-    kept = json.loads((out / "summary.json").read_text())
+    kept = json.loads((out / store.SUMMARY).read_text())
     assert kept["images"] == first["images"] == 200 and kept["wall_s"] == first["wall_s"]
 
 
@@ -483,7 +488,7 @@ def test_listing_notes_reach_the_summary(tmp_path, dataset):
     notes = summary["listing"]["valid"]
     assert notes["stray_files"] == ["valid/stray.png"] or notes["stray_files"] == ["stray.png"]
     assert any("empty_class" in name for name in notes["empty_classes"])
-    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    saved = json.loads((tmp_path / "out" / store.SUMMARY).read_text())
     assert saved["listing"] == summary["listing"]
 
 
@@ -516,7 +521,7 @@ def test_validate_names_an_output_folder_it_cannot_write(tmp_path):
     rng = np.random.default_rng(0)
     for split in ("train", "valid"):
         paths = [f"{split}/{c}/{i}.png" for c in ("a", "b") for i in range(3)]
-        store.write_part(tmp_path / "emb" / split, store.to_table(
+        store.write_part(store.split_dir(tmp_path / "emb", split), store.to_table(
             paths, [p.split("/")[1] for p in paths], rng.standard_normal((6, 4)).astype(np.float32), meta), prefix="t")
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -33,7 +33,7 @@ def embedded(tmp_path_factory) -> Path:
 
 def read_plain(out: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """float64 [N, D] embeddings, labels and paths with plain pyarrow, independent of pipelines.store."""
-    table = pq.read_table(out / split).sort_by("path")
+    table = pq.read_table(out, filters=[("split", "=", split)]).sort_by("path")  # the hive partition
     emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(table), -1)
     return emb.astype(np.float64), np.asarray(table.column("label").to_pylist()), table.column("path").to_pylist()
 
@@ -121,7 +121,7 @@ def write_split(out: Path, split: str, labels: list[str], *, dim: int = 8, **met
                 "preprocess": {"size": {"height": 384, "width": 384}}, "version": "0.1.0", **meta}
     emb = np.random.default_rng(len(labels)).normal(size=(len(labels), metadata["embedding_dim"]))
     paths = [f"{split}/{label}/{i}.png" for i, label in enumerate(labels)]
-    store.write_part(out / split, store.to_table(paths, labels, emb, metadata), prefix="test")
+    store.write_part(store.split_dir(out, split), store.to_table(paths, labels, emb, metadata), prefix="test")
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -174,7 +174,7 @@ def test_cli_prints_the_table_and_errors_are_one_line(embedded, tmp_path):
 
     result = validate_cli(f"embeddings_dir={tmp_path / 'nothing'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"no part-*.parquet under {tmp_path / 'nothing' / 'train'}" in result.stderr
+    assert f"no part-*.parquet under {tmp_path / 'nothing' / 'split=train'}" in result.stderr
     result = validate_cli(f"embeddings_dir={embedded}", "metric=manhattan", f"output_dir={tmp_path / 'w'}")
     assert result.returncode == 2 and "error: metric='manhattan': expected one of cosine, euclidean" in result.stderr
     write_split(tmp_path / "mixed", "train", ["a", "b"] * 10)
@@ -182,3 +182,32 @@ def test_cli_prints_the_table_and_errors_are_one_line(embedded, tmp_path):
     result = validate_cli(f"embeddings_dir={tmp_path / 'mixed'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: cannot compare train with valid: they were embedded differently (embedding_dim: 8" in result.stderr
+
+
+@pytest.mark.job
+def test_outputs_go_beside_the_embeddings_never_inside(embedded, tmp_path):
+    """The default output_dir (null) is the sibling `<embeddings_dir>-validation`; inside the dataset is refused
+    (a `**/*.parquet` reader would take predictions.parquet for embeddings)."""
+    before = sorted(p.relative_to(embedded) for p in embedded.rglob("*"))
+    report = run_validate(embeddings_dir=f"{embedded}/")  # a trailing slash names the same sibling
+    sibling = embedded.with_name(embedded.name + "-validation")
+    assert Path(report["files"]["report"]) == sibling / "report.json"
+    assert sorted(p.name for p in sibling.iterdir()) == ["per_class.csv", "per_class.png", "predictions.parquet",
+                                                         "report.json"]
+    assert sorted(p.relative_to(embedded) for p in embedded.rglob("*")) == before  # nothing written inside
+    for inside in (embedded / "validation", embedded / "split=valid" / "v", embedded):
+        with pytest.raises(UserError, match=f"output_dir={inside}: lies inside embeddings_dir"):
+            run_validate(embeddings_dir=embedded, output_dir=inside)
+
+
+def test_the_old_layout_is_one_line_naming_the_conversion(tmp_path):
+    old = tmp_path / "old"
+    write_split(old, "train", ["a", "b"] * 5)
+    write_split(old, "valid", ["a", "b"] * 5)
+    store.split_dir(old, "train").rename(old / "train")  # as pipelines 0.1 wrote it
+    store.split_dir(old, "valid").rename(old / "valid")
+    result = validate_cli(f"embeddings_dir={old}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {old} is in the layout before version 0.2 (train/, valid/); convert it in place with "
+        f"`python -m pipelines.upgrade {old}` (renames only), then rerun")
