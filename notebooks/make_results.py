@@ -21,7 +21,8 @@ What a `python -m pipelines.validate` run found: per-class accuracy, a few queri
 images, and a 2-D projection (PCA) of the embeddings coloured by class.
 
 Set `EMBEDDINGS_DIR` to an embed job's `output_dir` (and `DATA_ROOT` to the dataset root it read, to see the
-images). Left at `None`, the notebook embeds `data/sample` with the tiny random model into a temporary folder
+images). The validation run is read from `<EMBEDDINGS_DIR>-validation/` (validate's default output) and made there
+when missing. Left at `None`, the notebook embeds `data/sample` with the tiny random model into a temporary folder
 (deleted when the kernel stops) and validates it: a demonstration of the plumbing, not of SigLIP's accuracy."""
 
 PARAMETERS = """\
@@ -43,8 +44,8 @@ from PIL import Image as PILImage
 from sklearn.decomposition import PCA
 
 from pipelines.config import REPO_ROOT
-from pipelines.store import read_split
-from pipelines.validate import REPORT, format_report, run_validate
+from pipelines.store import read_split, validation_dir
+from pipelines.validate import FIGURE, PER_CLASS, PREDICTIONS, REPORT, format_report, run_validate
 
 if EMBEDDINGS_DIR is None:
     from pipelines.embed import run_embed
@@ -57,12 +58,12 @@ if EMBEDDINGS_DIR is None:
               num_workers=0, progress=False)
 EMBEDDINGS_DIR = Path(EMBEDDINGS_DIR)
 print(f"embeddings: {EMBEDDINGS_DIR}")
-report_file = EMBEDDINGS_DIR / "validation" / REPORT
-if not report_file.exists():
+validation = validation_dir(EMBEDDINGS_DIR)  # validate's default output, beside the embeddings
+if not (validation / REPORT).exists():
     run_validate(embeddings_dir=EMBEDDINGS_DIR, dataset_root=DATA_ROOT)
-report = json.loads(report_file.read_text())
-per_class = pd.read_csv(report["files"]["per_class"], keep_default_na=False)
-predictions = pd.read_parquet(report["files"]["predictions"])
+report = json.loads((validation / REPORT).read_text())
+per_class = pd.read_csv(validation / PER_CLASS, keep_default_na=False)
+predictions = pd.read_parquet(validation / PREDICTIONS)
 DATA_ROOT = Path(DATA_ROOT or report["dataset_root"] or ".")
 print(format_report(report, per_class))"""
 
@@ -71,7 +72,7 @@ PER_CLASS_MD = """\
 The distribution of per-class top-1 and the worst classes (the figure `validate` saved), then the table."""
 
 PER_CLASS = """\
-display(Image(filename=report["files"]["figure"]))
+display(Image(filename=validation / FIGURE))
 per_class.sort_values(["top1", "label"]).head(15)"""
 
 NEIGHBOURS_MD = """\

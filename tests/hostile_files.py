@@ -3,7 +3,7 @@
     python tests/hostile_files.py DIR      # DIR/train, DIR/valid: sample images plus one of each hostile kind
 
 Each `write_*` writes one file (or link) and returns its path. `HOSTILE` says what the embed job must record
-for each bad file (a regular expression matched against the reason in errors.jsonl); `GOOD_EXTRA` names the
+for each bad file (a regular expression matched against the reason in _errors.jsonl); `GOOD_EXTRA` names the
 odd-but-valid files that must be embedded.
 """
 

@@ -88,7 +88,7 @@ def test_the_wheel_runs_embed_and_validate_from_any_directory(fresh, tmp_path):
     assert "300 images embedded, 0 errors" in embedded.stdout
     validated = run_module(fresh, tmp_path, "pipelines.validate", "model=tiny", f"embeddings_dir={output_dir}")
     assert validated.returncode == 0, validated.stdout + validated.stderr
-    report = json.loads((output_dir / "validation" / "report.json").read_text())
+    report = json.loads(output_dir.with_name(output_dir.name + "-validation").joinpath("report.json").read_text())
     assert report["num_train"] == 100 and report["num_query"] == 200
     assert not list(fresh.rglob("outputs")) and not (tmp_path / "multirun.yaml").exists()
 

@@ -103,7 +103,7 @@ def ray_runner_for_tests():
 
 
 def sorted_errors(output_dir: Path, split: str) -> list[dict[str, str]]:
-    return sorted(store.read_errors(output_dir / split), key=lambda e: e["path"])
+    return sorted(store.read_errors(store.split_dir(output_dir, split)), key=lambda e: e["path"])
 
 
 @pytest.mark.job
@@ -172,9 +172,10 @@ def test_ray_writes_what_the_local_runner_writes(ray_cluster, dataset_root, tmp_
         assert cosine.min() >= 0.9999
         assert sorted_errors(tmp_path / "ray", split) == sorted_errors(tmp_path / "local", split)
         # Same schema and footer in every part, whichever runner wrote it.
-        schemas = {pq.read_schema(p) for d in ("local", "ray") for p in store.parts(tmp_path / d / split)}
+        schemas = {pq.read_schema(p) for d in ("local", "ray")
+                   for p in store.parts(store.split_dir(tmp_path / d, split))}
         assert len({(s.to_string(show_schema_metadata=False), s.metadata[store.METADATA_KEY]) for s in schemas}) == 1
-    planted = {e["path"] for split in SPLITS for e in store.read_errors(tmp_path / "ray" / split)}
+    planted = {e["path"] for split in SPLITS for e in store.read_errors(store.split_dir(tmp_path / "ray", split))}
     assert planted == {"train/coat/truncated.png", "valid/sandal/empty.jpg"}
 
 
@@ -186,7 +187,7 @@ def test_rerun_after_kill_embeds_only_what_is_missing(ray_cluster, dataset_root,
                f"output_dir={out}", "batch_size=8", "rows_per_part=8", "progress=false"]
     job = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not store.parts(out / "train") and job.poll() is None and time.monotonic() < deadline:
+    while not store.parts(store.split_dir(out, "train")) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     job.send_signal(signal.SIGKILL)
     _, stderr = job.communicate(timeout=30)
@@ -198,11 +199,11 @@ def test_rerun_after_kill_embeds_only_what_is_missing(ray_cluster, dataset_root,
     for split in SPLITS:
         listed = {r.path for r in list_split(dataset_root, split)}
         embedded = store.read_split(out, split).paths
-        error_lines = (out / split / store.ERRORS).read_text().splitlines()
+        error_lines = (store.split_dir(out, split) / store.ERRORS).read_text().splitlines()
         errors = [json.loads(line)["path"] for line in error_lines]
         assert len(embedded) == len(set(embedded)) and len(errors) == len(set(errors)) == 1
         assert set(embedded) | set(errors) == listed and not set(embedded) & set(errors)
-        assert not list((out / split).glob(".*.tmp"))
+        assert not list(store.split_dir(out, split).glob(".*.tmp"))
 
 
 @pytest.mark.job

@@ -118,7 +118,7 @@ def test_episodes_subsample_the_train_split(embedded, tmp_path):
 def write_split(out: Path, split: str, labels: list[str], *, dim: int = 8, **meta) -> None:
     """A split of random embeddings, one row per label, with the footer metadata an embed run writes."""
     metadata = {"model": "tiny", "revision": None, "embedding_dim": dim, "dtype": "float32", "image_size": [384, 384],
-                "preprocess": {"size": {"height": 384, "width": 384}}, "version": "0.1.0", **meta}
+                "preprocess": {"size": {"height": 384, "width": 384}}, "version": "0.2.0", **meta}
     emb = np.random.default_rng(len(labels)).normal(size=(len(labels), metadata["embedding_dim"]))
     paths = [f"{split}/{label}/{i}.png" for i, label in enumerate(labels)]
     store.write_part(store.split_dir(out, split), store.to_table(paths, labels, emb, metadata), prefix="test")
