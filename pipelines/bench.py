@@ -444,15 +444,15 @@ def bench_writer(*, out_dir: Path, dim: int, metadata: dict[str, Any], settings:
     labels = [p.split("/")[1] for p in paths]
     shutil.rmtree(out_dir, ignore_errors=True)
     start = time.perf_counter()
-    writer = PartWriter(out_dir / SPLIT, metadata=metadata, rows_per_part=settings.rows_per_part, prefix="bench")
+    writer = PartWriter(store.split_dir(out_dir, SPLIT), metadata=metadata, rows_per_part=settings.rows_per_part, prefix="bench")
     for i in range(0, settings.rows, settings.batch_size):
         j = i + settings.batch_size
         writer.add(paths[i:j], labels[i:j], embeddings[i:j])
     writer.close()
     wall = time.perf_counter() - start
     return {"rows": settings.rows, "dim": dim, "rows_per_s": settings.rows / wall,
-            "mb_per_s": embeddings.nbytes / 1e6 / wall, "parts": len(store.parts(out_dir / SPLIT)),
-            "bytes_on_disk": sum(p.stat().st_size for p in store.parts(out_dir / SPLIT))}
+            "mb_per_s": embeddings.nbytes / 1e6 / wall, "parts": len(store.parts(store.split_dir(out_dir, SPLIT))),
+            "bytes_on_disk": sum(p.stat().st_size for p in store.parts(store.split_dir(out_dir, SPLIT)))}
 
 
 # -- generated JPEGs --------------------------------------------------------------------------------------------
