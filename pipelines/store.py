@@ -659,7 +659,13 @@ def upgrade_layout(output_dir: str | Path) -> list[tuple[Path, Path]]:
                             f"{next(src for src, dst in plan if dst == taken[0])}); move one of them away, then rerun")
         with writing(out, then="then rerun the conversion"):
             for src, dst in plan:
-                os.rename(src, dst)
+                try:
+                    os.rename(src, dst)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    raise UserError(f"cannot move {src} to {dst}: another file system (EXDEV); move it yourself, "
+                                    "then rerun the conversion") from exc
                 log.info("renamed %s -> %s", src, dst)
             for folder in {out.parent, *(d for _, dst in plan for d in (dst, dst.parent) if d.is_dir())}:
                 _fsync_dir(folder)

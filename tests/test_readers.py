@@ -50,6 +50,7 @@ def output(tmp_path, image_root, monkeypatch) -> Path:
     assert summary["errors"] == len(PLANTED)
     run_validate(embeddings_dir=OUTPUT, k=3, dataset_root=image_root)
     out = tmp_path / OUTPUT
+    (store.split_dir(out, "valid") / ".part-shard0of1-0123456789ab.parquet.tmp").write_bytes(b"PAR1 torn")  # a kill
     assert sorted(e["path"] for s in ("train", "valid") for e in store.read_errors(store.split_dir(out, s))) == sorted(
         PLANTED)
     assert (out / "_summary.json").is_file() and list(out.glob(".lock*"))
