@@ -16,7 +16,7 @@ import time
 import warnings
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,15 @@ class Listing:
 
     `stray_files`: files lying directly in the split folder (no class); `empty_classes`: class folders
     without a file; `skipped_dirs`: directories reached a second time (a symlink loop, or two links to one
-    folder), not walked again.
+    folder), not walked again; `invalid_names`: files or folders whose names are not valid UTF-8, which
+    Parquet and JSON cannot hold (their paths shown with `\\xNN` escapes), not walked or read.
     """
 
     records: list[ImageRecord]
     stray_files: list[str]
     empty_classes: list[str]
     skipped_dirs: list[str]
+    invalid_names: list[ImageRecord] = field(default_factory=list)
 
 
 def scan_split(root: str | Path, split: str) -> Listing:
@@ -79,7 +81,7 @@ def scan_split(root: str | Path, split: str) -> Listing:
         raise FileNotFoundError(f"dataset split folder {split_dir} does not exist")
     seen = {_dir_key(split_dir)}
     listing = Listing([], [], [], [])
-    for entry in _entries(split_dir):
+    for entry in _entries(split_dir, root, None, listing):
         rel = Path(entry.path).relative_to(root).as_posix()
         if not _is_dir(entry):
             listing.stray_files.append(rel)
@@ -88,10 +90,13 @@ def scan_split(root: str | Path, split: str) -> Listing:
         if _walk_class(Path(entry.path), root, entry.name, seen, listing) and len(listing.records) == before:
             listing.empty_classes.append(rel)
     listing.records.sort(key=lambda r: r.path)
+    listing.invalid_names.sort(key=lambda r: r.path)
     for what, paths in (("file(s) outside any class folder, not embedded", listing.stray_files),
                         ("empty class folder(s)", listing.empty_classes),
                         ("folder(s) reached twice (symlink loop or duplicate link), walked once",
-                         listing.skipped_dirs)):
+                         listing.skipped_dirs),
+                        ("name(s) not valid UTF-8, not embedded (rename them)",
+                         [r.path for r in listing.invalid_names])):
         if paths:
             log.warning("%s: %d %s: %s", split_dir, len(paths), what, ", ".join(paths[:10])
                         + (f" (and {len(paths) - 10} more)" if len(paths) > 10 else ""))
@@ -116,7 +121,7 @@ def _walk_class(class_dir: Path, root: Path, label: str, seen: set[tuple[int, in
         seen.add(key)
         walked_class = walked_class or folder == class_dir
         subdirs = []
-        for entry in _entries(folder):
+        for entry in _entries(folder, root, label, listing):
             if _is_dir(entry):
                 subdirs.append(Path(entry.path))
             else:  # files, file links (followed when read), broken links (an error record when read)
@@ -125,9 +130,25 @@ def _walk_class(class_dir: Path, root: Path, label: str, seen: set[tuple[int, in
     return walked_class
 
 
-def _entries(folder: Path) -> list[os.DirEntry]:
+def _entries(folder: Path, root: Path, label: str | None, listing: Listing) -> list[os.DirEntry]:
+    """The visible entries of `folder`, sorted; a name that is not valid UTF-8 goes to `listing.invalid_names`
+    (with `label`, or its own name for a class folder: `label` None)."""
     with os.scandir(folder) as it:
-        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        visible = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    valid = []
+    for entry in visible:
+        try:
+            entry.name.encode("utf-8")
+            valid.append(entry)
+        except UnicodeEncodeError:  # undecodable bytes arrive as surrogates (os.fsdecode)
+            rel = Path(entry.path).relative_to(root).as_posix()
+            listing.invalid_names.append(ImageRecord(_printable(rel), _printable(label or entry.name)))
+    return valid
+
+
+def _printable(name: str) -> str:
+    """A file system name with undecodable bytes -> valid UTF-8 text, each such byte written as `\\xNN`."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

@@ -112,31 +112,31 @@ class Listed:
     stray_files: list[str] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
     skipped_dirs: list[str] = field(default_factory=list)
+    invalid_names: list[ImageRecord] = field(default_factory=list)  # recorded as errors, never read
 
     def notes(self) -> dict[str, list[str]]:
         return {"stray_files": self.stray_files, "empty_classes": self.empty_classes,
-                "skipped_dirs": self.skipped_dirs}
+                "skipped_dirs": self.skipped_dirs, "invalid_names": [r.path for r in self.invalid_names]}
 
 
 def list_files(root: Path, split: str, *, shard_index: int, shard_count: int) -> Listed:
-    """The split's files of this shard; stray files, empty class folders and skipped folders when the listing
-    reports them (`pipelines.data.scan_split`)."""
+    """The split's files of this shard, and what `pipelines.data.scan_split` found besides them."""
     from pipelines import data
 
-    if hasattr(data, "scan_split"):
-        listing = data.scan_split(root, split)
-        listed = Listed(listing.records, list(listing.stray_files), list(listing.empty_classes),
-                        list(listing.skipped_dirs))
-    else:
-        listed = Listed(data.list_split(root, split))
-    listed.records = data.take_shard(listed.records, index=shard_index, count=shard_count)
-    return listed  # the listing has logged its notes
+    listing = data.scan_split(root, split)
+    return Listed(  # the listing has logged its notes
+        data.take_shard(listing.records, index=shard_index, count=shard_count),
+        list(listing.stray_files), list(listing.empty_classes), list(listing.skipped_dirs),
+        data.take_shard(listing.invalid_names, index=shard_index, count=shard_count),
+    )
 
 
 # How the summary table words each listing note.
 NOTES = {"stray_files": "file(s) outside any class folder, not embedded",
          "empty_classes": "empty class folder(s)",
-         "skipped_dirs": "folder(s) reached twice (symlink loop or duplicate link), walked once"}
+         "skipped_dirs": "folder(s) reached twice (symlink loop or duplicate link), walked once",
+         "invalid_names": "name(s) not valid UTF-8, recorded as errors (rename them to embed them)"}
+INVALID_NAME = "file name is not valid UTF-8 (Parquet and JSON cannot hold it): rename the file to embed it"
 
 
 def run_embed(
@@ -236,8 +236,12 @@ def _embed_splits(listings: dict[str, Listed], *, encoder: Any, root: Path, outp
                   compile: bool, **settings: Any) -> dict[str, Any]:
     """Run the runner over each split, then write and return the summary."""
     start = time.perf_counter()
-    results = [runner(encoder=encoder, root=root, split=split, records=listed.records, output_dir=output_dir,
-                      num_workers=workers, prefix=prefix, **settings) for split, listed in listings.items()]
+    results = []
+    for split, listed in listings.items():
+        recorded = _record_invalid_names(store.split_dir(output_dir, split), listed.invalid_names)
+        results.append(runner(encoder=encoder, root=root, split=split, records=listed.records,
+                              output_dir=output_dir, num_workers=workers, prefix=prefix, **settings))
+        results[-1].errors += recorded
     summary = _summary(results, time.perf_counter() - start, encoder.metadata(), output_dir,
                        dataset_root=str(root.resolve()), splits=list(listings),
                        runner=getattr(runner, "func", runner).__module__, shard_index=shard_index,
@@ -246,6 +250,16 @@ def _embed_splits(listings: dict[str, Listed], *, encoder: Any, root: Path, outp
     summary["listing"] = {split: listed.notes() for split, listed in listings.items()}
     _save_summary(store.summary_path(output_dir, shard_index=shard_index, shard_count=shard_count), summary)
     return summary
+
+
+def _record_invalid_names(split_dir: Path, invalid: list[ImageRecord]) -> int:
+    """Add the files whose names cannot be stored to the split's errors file (once); returns how many were new."""
+    if not invalid:
+        return 0
+    known = {e["path"] for e in store.read_errors(split_dir)}
+    new = [{"path": r.path, "label": r.label, "error": INVALID_NAME} for r in invalid if r.path not in known]
+    store.append_errors(split_dir, new)
+    return len(new)
 
 
 def _part_names(split_dir: Path, prefix: str) -> set[str]:

@@ -218,6 +218,24 @@ def test_scan_split_ends_symlink_loops_and_reports_what_it_skips(tmp_path):
     assert list_split(tmp_path, "train") == listing.records
 
 
+def test_scan_split_sets_aside_names_that_are_not_utf8(tmp_path):
+    cat = tmp_path / "train" / "cat"
+    cat.mkdir(parents=True)
+    for name in (b"ok.png", b"new\nline.png", "\u00fcn\u00ef c\u00f6d\u00e9.png".encode(), b"bad\xff\xfe.png"):
+        (cat / os.fsdecode(name)).write_bytes(b"x")
+    (tmp_path / "train" / os.fsdecode(b"cl\xe9ss")).mkdir()
+    (tmp_path / "train" / os.fsdecode(b"cl\xe9ss") / "a.png").write_bytes(b"x")
+
+    listing = scan_split(tmp_path, "train")
+
+    assert [r.path for r in listing.records] == ["train/cat/new\nline.png", "train/cat/ok.png",
+                                                 "train/cat/\u00fcn\u00ef c\u00f6d\u00e9.png"]
+    assert [(r.path, r.label) for r in listing.invalid_names] == [
+        ("train/cat/bad\\xff\\xfe.png", "cat"), ("train/cl\\xe9ss", "cl\\xe9ss")]
+    for record in listing.invalid_names:  # what the errors file and the summary can hold
+        record.path.encode("utf-8")
+
+
 def test_scan_split_logs_stray_files_and_empty_classes(tmp_path, caplog):
     (tmp_path / "valid" / "cat").mkdir(parents=True)
     (tmp_path / "valid" / "cat" / "a.png").write_bytes(b"x")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,20 @@ def test_bad_files_are_recorded_and_skipped(tmp_path, image_root, photo_bytes):
     again = run(image_root, tmp_path / "out")  # recorded files are done, not retried
     assert again["images"] == 0 and again["errors"] == 0 and again["already_done"] == listed
     assert len((tmp_path / "out" / "split=valid" / "_errors.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_once_and_the_rest_embedded(tmp_path, image_root):
+    bad = image_root / "valid" / "bag" / os.fsdecode(b"caf\xe9.png")
+    shutil.copy(next((image_root / "valid" / "bag").glob("*.png")), bad)
+    summary = run(image_root, tmp_path / "out")
+    errors = store.read_errors(store.split_dir(tmp_path / "out", "valid"))
+    assert [(e["path"], e["label"]) for e in errors] == [("valid/bag/caf\\xe9.png", "bag")]
+    assert "UTF-8" in errors[0]["error"] and summary["errors"] == 1
+    listed = len(list_split(image_root, "train")) + len(list_split(image_root, "valid"))
+    assert summary["images"] == listed and summary["listing"]["valid"]["invalid_names"] == [errors[0]["path"]]
+    again = run(image_root, tmp_path / "out")  # recorded once, not again
+    assert again["images"] == 0 and again["errors"] == 0
+    assert len((tmp_path / "out" / "split=valid" / "_errors.jsonl").read_text().splitlines()) == 1
 
 
 def test_kill_9_then_resume_embeds_each_image_once(tmp_path):
