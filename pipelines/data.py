@@ -37,6 +37,8 @@ DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89478485
 _PIL_LIMIT_LOCK = threading.Lock()
 # ISO base media files (AVIF, HEIC) carry "ftyp" at offset 4; torchvision may read those where PIL cannot.
 _ISO_BMFF_AT = (4, b"ftyp")
+# PIL decodes EPS by running Ghostscript on the file: a PostScript program from the dataset would run. Not opened.
+_PIL_REFUSED = frozenset({"EPS"})
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,11 @@ def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
     try:
         pil = open_header(data)
     except UnidentifiedImageError as exc:
-        if data[_ISO_BMFF_AT[0]:_ISO_BMFF_AT[0] + 4] == _ISO_BMFF_AT[1]:
+        if data[_ISO_BMFF_AT[0]:_ISO_BMFF_AT[0] + 4] == _ISO_BMFF_AT[1]:  # HEIC and the like
+            size = bmff_size(data)
+            if size is None:
+                raise DecodeError("not an image (an ISO BMFF file without an image size)") from exc
+            check_size(*size, max_pixels)
             return _decode_torchvision(data, max_pixels)
         raise DecodeError("not an image (no format PIL or torchvision reads)") from exc
     with pil:
@@ -257,20 +263,38 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def bmff_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first `ispe` property of an ISO BMFF image (HEIC, AVIF), or None."""
+    at = data.find(b"ispe")
+    if at < 4 or at + 16 > len(data):
+        return None
+    width, height = int.from_bytes(data[at + 8:at + 12], "big"), int.from_bytes(data[at + 12:at + 16], "big")
+    return (width, height) if width and height else None
+
+
 def open_header(data: bytes) -> Image.Image:
-    """PIL's lazy open (format, mode, size; no pixels read), without PIL's own bomb check: `check_size` is ours."""
+    """PIL's lazy open (format, mode, size; no pixels read), without PIL's own bomb check: `check_size` is ours.
+
+    Formats PIL decodes with an outside program (EPS: Ghostscript) are refused."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            return Image.open(io.BytesIO(data))
+            return _refuse_unsafe(Image.open(io.BytesIO(data)))
         except Image.DecompressionBombError:
             pass  # above twice PIL's threshold: open again unchecked to learn the size
     with _PIL_LIMIT_LOCK:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(io.BytesIO(data))
+            return _refuse_unsafe(Image.open(io.BytesIO(data)))
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+
+
+def _refuse_unsafe(pil: Image.Image) -> Image.Image:
+    if pil.format in _PIL_REFUSED:
+        pil.close()
+        raise DecodeError(f"{pil.format} is not decoded (PIL would run an outside program on the file)")
+    return pil
 
 
 def check_size(width: int, height: int, max_pixels: int | None) -> None:

@@ -98,7 +98,7 @@ import numpy as np
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
-from pipelines.data import DEFAULT_MAX_PIXELS, scan_split
+from pipelines.data import DEFAULT_MAX_PIXELS, bmff_size, scan_split
 from pipelines.isolate import Crashed, Isolated, IsolatedDecoder
 
 
@@ -121,6 +121,24 @@ def test_pixel_limit_is_a_setting(photo_bytes):
         decode(data, max_pixels=1000)
     assert decode(data, max_pixels=640 * 427).shape == (3, 427, 640)
     assert decode(data, max_pixels=None).shape == (3, 427, 640)
+
+
+def test_eps_is_refused_not_handed_to_ghostscript():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\n%%EOF\n"
+    with pytest.raises(DecodeError, match="EPS is not decoded"):
+        decode(eps)
+
+
+def test_iso_bmff_size_is_read_from_its_ispe_box():
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return (8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+    ispe = box(b"ispe", bytes(4) + (30000).to_bytes(4, "big") + (20000).to_bytes(4, "big"))
+    heic_bomb = box(b"ftyp", b"heic" + bytes(4) + b"mif1heic") + box(b"meta", bytes(4) + ispe)
+    assert bmff_size(heic_bomb) == (30000, 20000)
+    with pytest.raises(DecodeError, match=r"too large: 30000x20000"):
+        decode(heic_bomb)
+    assert bmff_size(box(b"ftyp", b"heic")) is None
 
 
 def test_crash_png_is_an_error_not_a_crash():
