@@ -394,9 +394,10 @@ def _drain(iterator, encoder: Encoder, records: list[ImageRecord], writer: PartW
             message = " ".join(str(exc).split()) if isinstance(exc, RuntimeError) else \
                 f"DataLoader worker (pid(s) {', '.join(map(str, sorted(pids)))}) died"
             raise WorkerDied(message, pids, handled) from exc
-        stats.read_s += time.perf_counter() - tick
-        if not stats.first_batch_s:
-            stats.first_batch_s = time.perf_counter() - start
+        now = time.perf_counter()
+        stats.read_s += now - tick
+        if not stats.first_batch_s:  # the same clock reading: the first wait is part of read_s
+            stats.first_batch_s = now - start
         tick = time.perf_counter()
         batch = loaded.decoded(encoder.preprocess, encoder.device)
         _record_failures(batch, records, split_dir, stats)
