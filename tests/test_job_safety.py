@@ -108,6 +108,23 @@ def stopped(proc: subprocess.Popen):
         os.killpg(proc.pid, signal.SIGCONT)
 
 
+@contextlib.contextmanager
+def stopped_with_workers(proc: subprocess.Popen):
+    """`stopped`, at a moment when the job has decode workers (none between two splits, or once it is done
+    listing): stop, look, go on and look again until the deadline. Yields the job's child processes."""
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        with stopped(proc):
+            children = psutil.Process(proc.pid).children(recursive=True)
+            if children:
+                yield children
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before a decode worker was seen")
+        assert time.monotonic() < deadline, "no decode worker seen"
+        time.sleep(0.05)
+
+
 def mount_tmpfs(folder: Path, options: str) -> bool:
     """Mount a small tmpfs on `folder` (root only); False where this machine does not allow it."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -239,9 +256,7 @@ def test_other_shards_run_side_by_side_and_kill_9_leaves_no_stale_lock(tmp_path)
     out = tmp_path / "out"
     first = start_job(out, "shard.count=2", "shard.index=0", "batch_size=4", "num_workers=1", "rows_per_part=8")
     wait_for(lambda: store.parts(store.split_dir(out, "train")), first, "shard 0 writes parts")
-    with stopped(first):
-        children = psutil.Process(first.pid).children(recursive=True)
-        assert children, "the job should have a decode worker"
+    with stopped_with_workers(first) as children:
         for child in children:  # a forked worker must not keep the lock alive after the job dies
             assert not [f for f in open_fds(child.pid) if Path(f).name.startswith(".lock")], child
         other = embed_cli(out, "shard.count=2", "shard.index=1")  # runs while shard 0 is held
