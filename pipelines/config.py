@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from pipelines.errors import Interrupted, UserError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The folders a wheel carries, kept at the top of the repository and copied to pipelines/_repo/ by the build
 # (see [tool.setuptools] in pyproject.toml).
@@ -54,18 +56,6 @@ def _print_resolved_config(argv: list[str]) -> None:
 
 
 _print_resolved_config(sys.argv)
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment, reported as one line without a traceback."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM stopped the job; the entry point exits 128 + `signum` with `message`."""
-
-    def __init__(self, signum: int = signal.SIGINT, message: str = "") -> None:
-        super().__init__(message)
-        self.signum, self.message = signum, message
 
 
 def _raise_interrupted(signum: int, _frame: Any) -> None:

@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import pipelines
+from pipelines.devices import resolve_device
 from pipelines.hub import (  # WeightsUnavailableError: the error of this module's loaders
     PREPROCESSOR_CONFIG,
     SO400M_RANDOM,
@@ -231,13 +232,6 @@ def _pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     if len(x) == size:
         return x
     return torch.cat([x, x.new_zeros((size - len(x), *x.shape[1:]))])
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; anything else as torch reads it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
 import pytest
-import sklearn.datasets
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipelines.config import CONF_DIR, REPO_ROOT
 from pipelines.siglip import save_tiny
 
-SAMPLE = REPO_ROOT / "data" / "sample"
-PHOTOS = Path(sklearn.datasets.__file__).parent / "images"  # china.jpg, flower.jpg: real colour photos
+from helpers.images import PHOTOS, SAMPLE, encode
+
 
 
 @pytest.fixture(scope="session")
@@ -28,12 +26,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_vision_checkpoint(tmp_path_factory) -> Path:
     """A vision-only SiglipVisionModel checkpoint with the same weights as the `tiny` preset."""
     return save_tiny(tmp_path_factory.mktemp("tiny-vision"), full=False)
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **kwargs)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SAMPLE
+from helpers.images import SAMPLE
 
 from pipelines.data import DecodeError, ImageFolderDataset, collate, decode, list_split, take_shard
 from pipelines.siglip import Preprocess
@@ -93,7 +93,7 @@ import os
 import signal
 import time
 
-import hostile_files
+from helpers import hostile_files
 import numpy as np
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
@@ -280,7 +280,7 @@ def test_isolated_decoder_matches_in_process_decoding(photo_bytes):
 
 
 def test_isolated_decoder_survives_a_segfault(tmp_path, monkeypatch, photo_bytes):
-    # The child decodes 8-bit PNGs with torchvision's raw decoder (tests/hostile_files.write_crash_hook), which
+    # The child decodes 8-bit PNGs with torchvision's raw decoder (tests/helpers/hostile_files.write_crash_hook), which
     # segfaults on the crash PNG: the blob costs only itself, the next ones are decoded by a new child.
     hostile_files.write_crash_hook(tmp_path / "hook")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]))

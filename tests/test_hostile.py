@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import hostile_files
+from helpers import hostile_files
 import pytest
 import torch
-from conftest import SAMPLE
+from helpers.images import SAMPLE
 from torchvision.io import ImageReadMode, decode_image
 
 import pipelines.data

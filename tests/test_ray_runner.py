@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import hostile_files
+from helpers import hostile_files
 import numpy as np
 import psutil
 import pyarrow.parquet as pq

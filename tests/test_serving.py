@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import hostile_files
+from helpers import hostile_files
 import numpy as np
 import pytest
 import requests

@@ -1,6 +1,6 @@
 """Writers for the hostile files found in scraped image folders, and a mixed folder built from data/sample.
 
-    python tests/hostile_files.py DIR      # DIR/train, DIR/valid: sample images plus one of each hostile kind
+    python tests/helpers/hostile_files.py DIR      # DIR/train, DIR/valid: sample images plus one of each hostile kind
 
 Each `write_*` writes one file (or link) and returns its path. `HOSTILE` says what the embed job must record
 for each bad file (a regular expression matched against the reason in _errors.jsonl); `GOOD_EXTRA` names the
@@ -247,7 +247,7 @@ def build_mixed_folder(root: Path, *, sample: Path = SAMPLE, per_class: int = 3,
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python tests/hostile_files.py DIR")
+        sys.exit("usage: python tests/helpers/hostile_files.py DIR")
     out = Path(sys.argv[1])
     if out.exists() and any(out.iterdir()):
         sys.exit(f"{out} exists and is not empty")
