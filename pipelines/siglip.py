@@ -6,11 +6,8 @@ Knows nothing of files, Parquet or Triton: the embed job, the serving models and
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +17,6 @@ from torchvision.transforms.v2 import functional as TF
 import pipelines
 from pipelines.devices import resolve_device
 from pipelines.hub import (  # WeightsUnavailableError: the error of this module's loaders
-    PREPROCESSOR_CONFIG,
     SO400M_RANDOM,
     TINY,
     WeightsUnavailableError,
@@ -28,6 +24,7 @@ from pipelines.hub import (  # WeightsUnavailableError: the error of this module
     read_preprocessor_config,
     unavailable,
 )
+from pipelines.presets import SO400M_PREPROCESSOR, SO400M_VISION, TINY_VISION, build_so400m_random, build_tiny
 
 log = logging.getLogger(__name__)
 
@@ -43,47 +40,6 @@ _RESAMPLE = {
     5: InterpolationMode.HAMMING,
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# The so400m-patch14-384 preprocessing; also used by the tiny preset.
-SO400M_PREPROCESSOR = {
-    "do_resize": True,
-    "size": {"height": 384, "width": 384},
-    "resample": 3,
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "image_processor_type": "SiglipImageProcessor",
-}
-TINY_VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "patch_size": 16,
-    "image_size": 384,
-}
-# so400m-patch14-384's vision geometry; with random weights it times the real model where the hub is unreachable.
-SO400M_VISION = {
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "patch_size": 14,
-    "image_size": 384,
-}
-TINY_TEXT = {
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-    "bos_token_id": 2,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "vocab_size": 256,
-}
-
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -216,15 +172,53 @@ class Encoder:
 
     def metadata(self) -> dict[str, Any]:
         """What the Parquet footer records about the model (JSON-serialisable)."""
-        return {
-            "model": self.name_or_path,
-            "revision": self.revision,
-            "embedding_dim": self.embedding_dim,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "image_size": [self.preprocess.height, self.preprocess.width],
-            "preprocess": self.preprocess.to_config(),
-            "version": pipelines.__version__,
-        }
+        return _metadata(self.name_or_path, self.revision, self.embedding_dim, self.dtype, self.preprocess)
+
+
+def _metadata(name_or_path: str, revision: str | None, embedding_dim: int, dtype: torch.dtype,
+              preprocess: Preprocess) -> dict[str, Any]:
+    return {
+        "model": name_or_path,
+        "revision": revision,
+        "embedding_dim": embedding_dim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "image_size": [preprocess.height, preprocess.width],
+        "preprocess": preprocess.to_config(),
+        "version": pipelines.__version__,
+    }
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder to load, where and how: what a runner hands its workers instead of a loaded model.
+
+    Small and picklable; `load` gives the encoder, `metadata` what its `Encoder.metadata()` will say, read from
+    the checkpoint's config files alone (no weights), so a job can check or write it before any model loads.
+    """
+
+    name_or_path: str
+    revision: str | None
+    device: str  # 'auto', 'cpu', 'cuda', 'cuda:1', as the setting says
+    dtype: str  # 'auto', 'float32', 'bfloat16', 'float16'
+
+    def load(self) -> Encoder:
+        """The encoder itself, loaded on this host's `device` (see `load_encoder`)."""
+        return load_encoder(self.name_or_path, device=self.device, dtype=self.dtype, revision=self.revision)
+
+    def preprocess(self) -> Preprocess:
+        """The checkpoint's preprocessing alone (see `load_preprocess`)."""
+        return load_preprocess(self.name_or_path, revision=self.revision)
+
+    def metadata(self) -> dict[str, Any]:
+        """Exactly `self.load().metadata()` on this host, without loading the weights."""
+        dtype = resolve_dtype(self.dtype, resolve_device(self.device))
+        if self.name_or_path in (TINY, SO400M_RANDOM):
+            vision = TINY_VISION if self.name_or_path == TINY else SO400M_VISION
+            preprocess, revision, dim = Preprocess.from_config(SO400M_PREPROCESSOR), None, vision["hidden_size"]
+        else:
+            config, preprocess, revision = _read_checkpoint_config(self.name_or_path, self.revision)
+            dim = int(config.hidden_size)
+        return _metadata(self.name_or_path, revision, dim, dtype, preprocess)
 
 
 def _pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -241,43 +235,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def build_tiny(*, seed: int = 0, full: bool = False) -> torch.nn.Module:
-    """A seeded, randomly initialised SigLIP (hidden 32, 2 layers, 384 px): the vision tower, or the full model.
-
-    The vision tower is the full model's, so both forms give the same embeddings.
-    """
-    from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
-
-    with _seeded(seed):
-        model = SiglipModel(SiglipConfig(vision_config=TINY_VISION, text_config=TINY_TEXT)).eval()
-    if full:
-        return model
-    vision = SiglipVisionModel(model.config.vision_config).eval()
-    # transformers 4 nests the tower one level deeper (`vision_model`) than transformers 5.
-    getattr(vision, "vision_model", vision).load_state_dict(model.vision_model.state_dict())
-    return vision
-
-
-def build_so400m_random(*, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """so400m-patch14-384's vision tower (428M parameters) with seeded random weights, built on `device`.
-
-    Speed does not depend on the weights' values; this times the real geometry without the model hub.
-    """
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
-    device = torch.device(device)
-    with _seeded(seed, device), device:
-        return SiglipVisionModel(SiglipVisionConfig(**SO400M_VISION)).eval()
-
-
-def save_tiny(directory: str | Path, *, seed: int = 0, full: bool = True) -> Path:
-    """Save the tiny preset as a hub-style checkpoint (config, safetensors, preprocessor config)."""
-    directory = Path(directory)
-    build_tiny(seed=seed, full=full).save_pretrained(directory)
-    (directory / PREPROCESSOR_CONFIG).write_text(json.dumps(SO400M_PREPROCESSOR, indent=2))
-    return directory
 
 
 def load_encoder(
@@ -309,6 +266,21 @@ def load_preprocess(name_or_path: str, *, revision: str | None = None) -> Prepro
     return Preprocess.from_config(read_preprocessor_config(name_or_path, revision, offline)[0])
 
 
+def _read_checkpoint_config(name_or_path: str, revision: str | None) -> tuple[Any, Preprocess, str | None]:
+    """The vision tower's config, the preprocessing and the commit, as `_load_checkpoint` finds them."""
+    offline = check_model(name_or_path, revision)
+    config, snapshot = read_preprocessor_config(name_or_path, revision, offline)
+    preprocess = Preprocess.from_config(config)
+    from transformers import SiglipVisionConfig
+
+    try:  # a full SiglipModel config gives its vision_config, as SiglipVisionModel.from_pretrained reads it
+        vision = SiglipVisionConfig.from_pretrained(name_or_path, revision=revision,
+                                                    local_files_only=offline is not None)
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailableError(unavailable(name_or_path, exc, offline)) from exc
+    return vision, preprocess, getattr(vision, "_commit_hash", None) or snapshot or revision
+
+
 def _load_checkpoint(
     name_or_path: str, revision: str | None, attn_implementation: str
 ) -> tuple[torch.nn.Module, Preprocess, str | None]:
@@ -333,13 +305,3 @@ def _load_checkpoint(
         hf_logging.set_verbosity(verbosity)
     commit = getattr(model.config, "_commit_hash", None) or snapshot or revision
     return model, preprocess, commit
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device | None = None):
-    # Restores the generators it touched: CPU always, and the CUDA device that `device` names.
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if (
-        device is not None and device.type == "cuda") else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield

@@ -6,14 +6,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers.images import PHOTOS, SAMPLE, encode
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from pipelines.config import CONF_DIR, REPO_ROOT
-from pipelines.siglip import save_tiny
-
-from helpers.images import PHOTOS, SAMPLE, encode
-
+from pipelines.config import CONF_DIR
+from pipelines.presets import save_tiny
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,14 @@ from PIL import Image
 from transformers import SiglipImageProcessor, SiglipModel
 
 from pipelines.data import decode
+from pipelines.presets import SO400M_PREPROCESSOR, save_tiny
 from pipelines.siglip import (
-    SO400M_PREPROCESSOR,
+    EncoderSpec,
     Preprocess,
     WeightsUnavailableError,
     load_encoder,
     load_preprocess,
     resolve_dtype,
-    save_tiny,
 )
 
 
@@ -96,6 +96,23 @@ def test_tiny_preset_equals_its_saved_checkpoint(tiny_vision_checkpoint):
     saved = load_encoder(str(tiny_vision_checkpoint), device="cpu", dtype="float32").embed(pixels)
     torch.testing.assert_close(preset, saved)
     assert not torch.allclose(preset, load_encoder("tiny", device="cpu").embed(pixels.flip(0)))
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_checkpoint", "tiny_vision_checkpoint"])
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_spec_metadata_equals_the_loaded_encoders(request, model, dtype):
+    """EncoderSpec.metadata() reads the config files only, and says what the loaded encoder's metadata says."""
+    name = model if model == "tiny" else str(request.getfixturevalue(model))
+    spec = EncoderSpec(name_or_path=name, revision=None, device="cpu", dtype=dtype)
+    assert spec.metadata() == spec.load().metadata()
+    assert spec.preprocess() == spec.load().preprocess
+
+
+def test_spec_metadata_of_the_so400m_preset_needs_no_model():
+    meta = EncoderSpec(name_or_path="so400m-random", revision=None, device="cpu", dtype="float32").metadata()
+    assert meta["embedding_dim"] == 1152 and meta["image_size"] == [384, 384] and meta["revision"] is None
+    # Built on the meta device: no memory and no compute, only what the loaded encoder reports.
+    assert meta == load_encoder("so400m-random", device="meta", dtype="float32").metadata()
 
 
 def test_low_precision_returns_float32():
@@ -251,12 +268,14 @@ def test_a_cached_model_loads_when_the_hub_does_not_answer(tmp_path, tiny_checkp
     shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
-    probe = "from pipelines.siglip import load_encoder; e = load_encoder('someone/tiny-siglip'); print(e.revision)"
+    probe = ("from pipelines.siglip import EncoderSpec, load_encoder; e = load_encoder('someone/tiny-siglip'); "
+             "print(e.revision); spec = EncoderSpec('someone/tiny-siglip', None, 'cpu', 'auto'); "
+             "print(spec.metadata() == e.metadata(), spec.metadata()['revision'])")
     env = hub_env(tmp_path, HF_ENDPOINT=f"http://127.0.0.1:{free_port()}")
     result = subprocess.run([sys.executable, "-c", probe], check=False, cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [commit] and "Retry" not in result.stderr
+    assert result.stdout.split() == [commit, "True", commit] and "Retry" not in result.stderr
 
 
 def test_the_model_check_needs_no_torch(tmp_path):
