@@ -17,7 +17,8 @@ import sklearn.datasets
 
 from pipelines.data import decode
 from pipelines.names import PIXEL_VALUES
-from pipelines.siglip import SO400M_PREPROCESSOR, Preprocess
+from pipelines.presets import SO400M_PREPROCESSOR
+from pipelines.siglip import Preprocess
 
 OUTPUT = Path(__file__).resolve().parent / "siglip" / "pixel_values.json"
 PHOTO = Path(sklearn.datasets.__file__).parent / "images" / "china.jpg"
