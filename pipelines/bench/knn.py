@@ -1,12 +1,12 @@
-"""`python -m pipelines.bench_knn`: seconds per k-NN backend on random embeddings, side by side in one run.
+"""`python -m pipelines.bench.knn`: seconds per k-NN backend on random embeddings, side by side in one run.
 
 Default: 10,000 train (1,000 classes x 10) x 20,000 queries x 1,152-d float32, k=10, distance-weighted cosine:
 the shape of the 10-shot ImageNet validation. Each backend is warmed up on a few queries (imports, thread pools,
 CUDA context), then timed on all of them `--repeat` times (best and median printed); its predictions are compared
 with sklearn's, which must agree on every query.
 
-    python -m pipelines.bench_knn                          # sklearn, faiss, torch (GPU ones when present)
-    python -m pipelines.bench_knn --backends sklearn torch:cpu torch:cuda faiss:cuda --repeat 5
+    python -m pipelines.bench.knn                          # sklearn, faiss, torch (GPU ones when present)
+    python -m pipelines.bench.knn --backends sklearn torch:cpu torch:cuda faiss:cuda --repeat 5
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""pipelines/bench.py: generated JPEGs, each measured part, the JSON and report, clear errors; small and on CPU."""
+"""pipelines/bench/run.py and `python -m pipelines.bench`: each measured part, the JSON and report, clear errors;
+small and on CPU, with conf/bench.yaml's settings."""
 
 from __future__ import annotations
 
@@ -9,60 +10,37 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from omegaconf import OmegaConf
 
 from pipelines import store
-from pipelines.bench import (
-    EmbedSettings,
-    PreprocessSettings,
-    SweepSettings,
-    WriterSettings,
-    bench_writer,
-    count_flops,
-    format_report,
-    make_jpegs,
-    peak_flops,
-    run_bench,
-)
+from pipelines.bench.flops import count_flops
+from pipelines.bench.report import format_report
+from pipelines.bench.run import bench_options, run_bench
 from pipelines.config import REPO_ROOT, UserError
-from pipelines.data import decode, list_split
+from pipelines.data import decode
 from pipelines.siglip import load_encoder
 
-
-def test_make_jpegs_are_imagenet_like_and_reused(tmp_path):
-    folder = make_jpegs(tmp_path / "jpegs", count=12, size=(500, 375), quality=90, classes=3)
-    records = list_split(folder, "train")
-    assert len(records) == 12 and {r.label for r in records} == {"class000", "class001", "class002"}
-    sizes = []
-    for record in records:
-        with Image.open(folder / record.path) as image:
-            assert image.format == "JPEG" and image.mode == "RGB"
-            sizes.append(image.size)
-    assert all(max(s) == 500 and 330 <= min(s) <= 375 for s in sizes)
-    assert any(w < h for w, h in sizes) and any(w > h for w, h in sizes)  # portrait and landscape
-    first = [(folder / r.path).read_bytes() for r in records]
-    assert len(set(first)) == 12  # all different
-    mtimes = [(folder / r.path).stat().st_mtime_ns for r in records]
-    make_jpegs(folder, count=12, size=(500, 375), quality=90, classes=3)
-    assert [(folder / r.path).stat().st_mtime_ns for r in records] == mtimes  # same settings: reused
-    make_jpegs(folder, count=12, size=(500, 375), quality=60, classes=3)
-    assert sum((folder / r.path).stat().st_size for r in records) < sum(len(d) for d in first)
+SMALL = ["preprocess.images=6", "preprocess.rounds=1", "sweep.dtypes=[float32]", "sweep.batch_sizes=[4,8]",
+         "sweep.compile=[false]", "sweep.warmup=1", "sweep.iters=1", "sweep.repeats=1", "embed.images=20",
+         "embed.batch_size=8", "embed.num_workers=1", "embed.device_decode=[false,true]", "embed.rounds=1",
+         "writer.rows=50", "writer.batch_size=8", "writer.rows_per_part=20"]
 
 
-def small_settings(**embed) -> dict:
-    return {
-        "preprocess": PreprocessSettings(images=6, rounds=1),
-        "sweep": SweepSettings(dtypes=["float32"], batch_sizes=[4, 8], compile=[False], warmup=1, iters=1, repeats=1),
-        "embed": EmbedSettings(**{"images": 20, "batch_size": 8, "num_workers": 1, "device_decode": [False, True],
-                                  "rounds": 1, **embed}),
-        "writer": WriterSettings(rows=50, batch_size=8, rows_per_part=20),
-    }
+@pytest.fixture()
+def settings(compose_cfg):
+    """conf/bench.yaml with `overrides` (on the CPU), as `run_bench`'s keyword arguments."""
+
+    def make(*overrides: str) -> dict:
+        cfg = compose_cfg("bench", ["device=cpu", *overrides])
+        return bench_options(OmegaConf.to_container(cfg, resolve=True))
+
+    return make
 
 
 @pytest.mark.job
-def test_run_bench_measures_every_part(tmp_path):
+def test_run_bench_measures_every_part(tmp_path, settings):
     output = tmp_path / "bench.json"
-    results = run_bench(model="tiny", device="cpu", output=output, work_dir=tmp_path / "work", **small_settings())
+    results = run_bench(**settings(*SMALL, f"output={output}", f"work_dir={tmp_path / 'work'}"))
     assert json.loads(output.read_text()) == json.loads(json.dumps(results))
     assert results["machine"]["cores"] >= 1 and results["peak_tflops"] is None
 
@@ -97,10 +75,10 @@ def test_run_bench_measures_every_part(tmp_path):
 
 
 @pytest.mark.job
-def test_job_embeddings_are_the_models(tmp_path):
+def test_job_embeddings_are_the_models(tmp_path, settings):
     """The job timed in (c) is the real job: its Parquet holds the encoder's embeddings of the generated files."""
-    settings = small_settings(device_decode=[False])
-    run_bench(model="tiny", device="cpu", parts=["embed"], output=tmp_path / "b.json", work_dir=tmp_path, **settings)
+    run_bench(**settings(*SMALL, "embed.device_decode=[false]", "parts=[embed]", f"output={tmp_path / 'b.json'}",
+                         f"work_dir={tmp_path}"))
     written = store.read_split(tmp_path / "embed-out", "train")
     encoder = load_encoder("tiny", device="cpu", dtype="float32")
     folder = next(tmp_path.glob("jpegs-*"))
@@ -108,34 +86,15 @@ def test_job_embeddings_are_the_models(tmp_path):
     np.testing.assert_allclose(written.embeddings, encoder.embed_uint8(pixels).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_writer_alone_writes_what_it_was_given(tmp_path):
-    metadata = {"model": "x", "embedding_dim": 16}
-    figures = bench_writer(out_dir=tmp_path, dim=16, metadata=metadata,
-                           settings=WriterSettings(rows=30, batch_size=7, rows_per_part=10))
-    assert figures["rows"] == 30 and figures["parts"] == 3 and figures["rows_per_s"] > 0
-    split = store.read_split(tmp_path, "train")
-    assert split.embeddings.shape == (30, 16) and split.metadata == metadata
-    expected = np.random.default_rng(0).standard_normal((30, 16), dtype=np.float32)
-    order = np.argsort([int(p.rsplit("-", 1)[1].split(".")[0]) for p in split.paths])
-    np.testing.assert_array_equal(split.embeddings[order], expected)
-
-
-def test_peak_flops():
-    assert peak_flops(torch.device("cpu"), "auto") is None
-    assert peak_flops(torch.device("cpu"), 100) == 100e12
-    with pytest.raises(UserError, match="peak_tflops='fast'"):
-        peak_flops(torch.device("cpu"), "fast")
-
-
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"parts": ["model", "gpu"]}, "parts="), ({"embed": EmbedSettings(batch_size=0)}, "embed.batch_size=0"),
-     ({"sweep": SweepSettings(batch_sizes=[8, -1])}, r"sweep.batch_sizes\[1\]=-1"),
-     ({"embed": EmbedSettings(image_size=[500])}, "embed.image_size")],
+    [("parts=[model,gpu]", "parts="), ("embed.batch_size=0", "embed.batch_size=0"),
+     ("sweep.batch_sizes=[8,-1]", r"sweep.batch_sizes\[1\]=-1"), ("embed.image_size=[500]", "embed.image_size"),
+     ("embed.num_workers=many", "embed.num_workers='many'")],
 )
-def test_bad_settings_are_named(tmp_path, change, message):
+def test_bad_settings_are_named(tmp_path, settings, change, message):
     with pytest.raises(UserError, match=message):
-        run_bench(model="tiny", device="cpu", output=tmp_path / "b.json", work_dir=tmp_path, **change)
+        run_bench(**settings(change, f"output={tmp_path / 'b.json'}", f"work_dir={tmp_path}"))
     assert not (tmp_path / "b.json").exists()
 
 
