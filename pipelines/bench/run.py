@@ -24,7 +24,7 @@ from pipelines.config import UserError
 from pipelines.data import ImageRecord, list_split
 from pipelines.devices import resolve_device
 from pipelines.runner import default_workers
-from pipelines.siglip import Encoder, load_encoder, load_preprocess
+from pipelines.siglip import Encoder, load_encoder, load_preprocess, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,11 @@ def _check(parts: Sequence[str], pre: PreprocessSettings, sweep: SweepSettings, 
         raise UserError(f"embed.num_workers={workers!r}: expected auto or a whole number >= 0")
     if len(embed.image_size) != 2 or min(embed.image_size) < 16:
         raise UserError(f"embed.image_size={list(embed.image_size)}: expected [width, height], each >= 16")
+    for dtype in [*sweep.dtypes, embed.dtype]:
+        try:
+            resolve_dtype(dtype, torch.device("cpu"))
+        except ValueError as exc:  # the encoder's own check, told before any part runs
+            raise UserError(str(exc)) from None
 
 
 def _settings(parts: Sequence[str], *sections: Any) -> dict[str, Any]:

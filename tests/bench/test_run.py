@@ -90,7 +90,7 @@ def test_job_embeddings_are_the_models(tmp_path, settings):
     ("change", "message"),
     [("parts=[model,gpu]", "parts="), ("embed.batch_size=0", "embed.batch_size=0"),
      ("sweep.batch_sizes=[8,-1]", r"sweep.batch_sizes\[1\]=-1"), ("embed.image_size=[500]", "embed.image_size"),
-     ("embed.num_workers=many", "embed.num_workers='many'")],
+     ("embed.num_workers=many", "embed.num_workers='many'"), ("sweep.dtypes=[banana]", "dtype='banana'")],
 )
 def test_bad_settings_are_named(tmp_path, settings, change, message):
     with pytest.raises(UserError, match=message):
