@@ -16,9 +16,10 @@ from pipelines.bench import SPLIT
 from pipelines.bench.flops import mfu
 from pipelines.bench.machine import sync
 from pipelines.bench.model import SweepSettings, bench_model
-from pipelines.data import ImageRecord
-from pipelines.runner import default_workers, embed_split, make_loader
-from pipelines.siglip import Encoder, Preprocess
+from pipelines.data import DEFAULT_MAX_PIXELS, ImageRecord, decoded
+from pipelines.runners.local import default_workers, embed_split, make_loader
+from pipelines.runners.split import Job
+from pipelines.siglip import Encoder, EncoderSpec, Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def data_path_rate(*, root: Path, records: list[ImageRecord], preprocess: Prepro
     start = time.perf_counter()
     loader = make_loader(root=root, records=records, preprocess=preprocess, batch_size=batch_size,
                          num_workers=num_workers, device=device, device_decode=device_decode)
-    count = sum(len(loaded.decoded(preprocess, device).indices) for loaded in loader)
+    count = sum(len(decoded(loaded, preprocess, device).indices) for loaded in loader)
     sync(device)
     return count / (time.perf_counter() - start)
 
@@ -84,9 +85,12 @@ def run_job(encoder: Encoder, *, root: Path, records: list[ImageRecord], out_dir
             num_workers: int, device_decode: bool, rows_per_part: int) -> dict[str, Any]:
     """One embed job over `records` into an emptied `out_dir`; its SplitStats as a dict."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    stats = embed_split(encoder=encoder, root=root, split=SPLIT, records=records, output_dir=out_dir,
-                        batch_size=batch_size, num_workers=num_workers, rows_per_part=rows_per_part,
-                        prefix="bench", progress=False, device_decode=device_decode)
+    spec = EncoderSpec(encoder.name_or_path, encoder.revision, str(encoder.device),
+                       str(encoder.dtype).removeprefix("torch."))
+    job = Job(encoder=spec, root=root, output_dir=out_dir, prefix="bench", batch_size=batch_size,
+              num_workers=num_workers, rows_per_part=rows_per_part, progress=False, max_pixels=DEFAULT_MAX_PIXELS,
+              compile=encoder.compiled_batch is not None)
+    stats = embed_split(encoder, job, split=SPLIT, records=records, device_decode=device_decode)
     if stats.embedded != len(records):
         raise RuntimeError(f"the job embedded {stats.embedded} of {len(records)} generated images")
     return stats.to_dict()

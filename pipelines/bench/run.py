@@ -23,7 +23,7 @@ from pipelines.bench.writer import WriterSettings, bench_writer
 from pipelines.config import UserError
 from pipelines.data import ImageRecord, list_split
 from pipelines.devices import resolve_device
-from pipelines.runner import default_workers
+from pipelines.runners.local import default_workers
 from pipelines.siglip import Encoder, load_encoder, load_preprocess, resolve_dtype
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipelines import store
 from pipelines.bench import SPLIT
-from pipelines.runner import PartWriter
+from pipelines.store import PartWriter
 
 
 @dataclass(frozen=True)
