@@ -10,7 +10,7 @@ import torch._dynamo
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines import store
-from pipelines.bench import count_flops
+from pipelines.bench.flops import count_flops
 from pipelines.data import EncodedImageDataset, ImageFolderDataset, collate, collate_encoded, decode, list_split
 from pipelines.presets import SO400M_PREPROCESSOR, SO400M_VISION, build_so400m_random, build_tiny
 from pipelines.runner import embed_split, make_loader
