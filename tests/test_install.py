@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.server import READY, session_processes
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from test_serving import READY, session_processes
 
 from pipelines.config import REPO_ROOT
 

@@ -17,15 +17,15 @@ import triton_python_backend_utils as pb_utils
 # same `pipelines` as the launcher (e.g. one installed with `pip install --target DIR`, PYTHONPATH=DIR).
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
-from pipelines import names, serving
 from pipelines.isolate import IsolatedDecoder
+from pipelines.serve import models, names
 from pipelines.siglip import load_preprocess
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        settings = serving.model_settings(config, instance_kind=args["model_instance_kind"], device_id=0)
+        settings = models.model_settings(config, instance_kind=args["model_instance_kind"], device_id=0)
         torch.set_num_threads(settings.num_threads)
         self.preprocess = load_preprocess(settings.name_or_path, revision=settings.revision)
         self.decoder = IsolatedDecoder(self.preprocess, max_pixels=settings.max_pixels)
@@ -34,15 +34,26 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         blobs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        decoded = serving.decode_requests(blobs, self.decoder.decode_many)  # uint8 [n, 3, H, W] or the error
+        decoded = models.decode_requests(blobs, self.decoder.decode_many)  # uint8 [n, 3, H, W] or the error
         good = [d for d in decoded if isinstance(d, torch.Tensor)]
-        embeddings = self._siglip(torch.cat(good)) if good else None
-        if isinstance(embeddings, pb_utils.TritonError):
-            return [pb_utils.InferenceResponse(error=embeddings if isinstance(d, torch.Tensor) else _invalid(d))
-                    for d in decoded]
-        blocks = iter(serving.split_rows(embeddings, [len(d) for d in good]) if good else [])
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, next(blocks))])
-                if isinstance(d, torch.Tensor) else pb_utils.InferenceResponse(error=_invalid(d)) for d in decoded]
+        if not good:
+            return [pb_utils.InferenceResponse(error=_invalid(d)) for d in decoded]
+        embeddings = self._siglip(torch.cat(good))
+        if isinstance(embeddings, pb_utils.TritonError):  # siglip failed: every good request gets its error
+            blocks = [embeddings] * len(good)
+        else:
+            blocks = models.split_rows(embeddings, [len(d) for d in good])
+        responses, next_block = [], iter(blocks)
+        for d in decoded:
+            if not isinstance(d, torch.Tensor):
+                responses.append(pb_utils.InferenceResponse(error=_invalid(d)))
+                continue
+            block = next(next_block)
+            if isinstance(block, pb_utils.TritonError):
+                responses.append(pb_utils.InferenceResponse(error=block))
+            else:
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, block)]))
+        return responses
 
     def finalize(self) -> None:
         self.decoder.close()

@@ -15,14 +15,14 @@ import triton_python_backend_utils as pb_utils
 # same `pipelines` as the launcher (e.g. one installed with `pip install --target DIR`, PYTHONPATH=DIR).
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
 
-from pipelines import serving
+from pipelines.serve import models
 from pipelines.siglip import load_encoder
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        settings = serving.model_settings(
+        settings = models.model_settings(
             config, instance_kind=args["model_instance_kind"], device_id=int(args["model_instance_device_id"])
         )
         # Each instance is one process: more threads than this oversubscribe the cores and collapse speed.
@@ -36,10 +36,10 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         # Triton has already checked each request's name, dtype and shape against config.pbtxt.
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        errors = [serving.non_finite_rows(a) for a in arrays]  # NaN would come back as a NaN embedding
+        errors = [models.non_finite_rows(a) for a in arrays]  # NaN would come back as a NaN embedding
         good = [a for a, error in zip(arrays, errors) if error is None]
         embeddings = self.encoder.embed(torch.from_numpy(np.concatenate(good))).cpu().numpy() if good else None
-        blocks = iter(serving.split_rows(embeddings, [len(a) for a in good]) if good else [])
+        blocks = iter(models.split_rows(embeddings, [len(a) for a in good]) if good else [])
         return [pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, next(blocks))]) if error is None
                 else pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG))
                 for error in errors]

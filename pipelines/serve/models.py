@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import names
 from pipelines.data import DecodeError
+from pipelines.serve import names
 
 # embed_image's default pixel limit, below the embed job's (PIL's 89.5 Mpx): a server takes files from anyone,
 # and 25 Mpx (e.g. 6000x4000, a 24 Mpx camera) is 75 MB decoded.

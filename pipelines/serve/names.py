@@ -1,13 +1,17 @@
 """Names shared by the Triton model repository (`serving/*/config.pbtxt`), its clients and the tests.
 
-`tests/test_serving.py` checks that every `config.pbtxt` agrees with these constants.
+`tests/serve/test_serving.py` checks that every `config.pbtxt` agrees with these constants.
 """
 
 from __future__ import annotations
 
 SIGLIP = "siglip"
 EMBED_IMAGE = "embed_image"
-MODELS = (SIGLIP, EMBED_IMAGE)
+# The models the launcher renders, loads and watches, in this order (a model BLS calls comes before its caller).
+MODELS = (
+    SIGLIP,
+    EMBED_IMAGE,
+)
 
 # siglip: FP32 [B, 3, 384, 384] preprocessed pixel values -> FP32 [B, D].
 PIXEL_VALUES = "PIXEL_VALUES"
@@ -19,8 +23,10 @@ EMBEDDING = "EMBEDDING"
 # config.pbtxt `parameters` keys, filled in by `python -m pipelines.serve`.
 PARAM_MODEL = "name_or_path"
 PARAM_REVISION = "revision"
+# siglip (a model that declares `dtype` gets dtype, num_threads and its placement from the launcher).
 PARAM_DTYPE = "dtype"
 PARAM_DEVICE = "device"
 PARAM_THREADS = "num_threads"
 # embed_image: the largest image (width x height, from its header) it decodes; larger files get a 400.
+# (A model that declares `max_pixels` gets it and `decode_instances` from the launcher.)
 PARAM_MAX_PIXELS = "max_pixels"

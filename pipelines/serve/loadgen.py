@@ -1,4 +1,4 @@
-"""`python -m pipelines.loadgen`: closed-loop load on a running server, measured like perf_analyzer.
+"""`python -m pipelines.serve.loadgen`: closed-loop load on a running server, measured like perf_analyzer.
 
 Each of `concurrency` threads sends one request, waits for its answer, and sends the next, for `duration_s`
 after `warmup_s`; every request carries one image. Protocols: `http-json` (the seed's JSON body, encoded once),
@@ -20,10 +20,10 @@ from typing import Any
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from pipelines import names
 from pipelines.config import CONF_DIR, UserError, clean_errors
+from pipelines.serve import names
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,7 @@ def _json_sender(url: str, input_name: str, payload: np.ndarray) -> Callable[[],
 
 
 def run_load(*, model: str, protocol: str, concurrency: int, duration_s: float, payload: np.ndarray,
-             warmup_s: float = 2.0, host: str = "localhost", http_port: int = 8000,
-             grpc_port: int = 8001) -> LoadResult:
+             warmup_s: float, host: str, http_port: int, grpc_port: int) -> LoadResult:
     """`concurrency` closed-loop clients for `warmup_s` + `duration_s`; counts what finished inside the window."""
     if concurrency < 1 or duration_s <= 0:
         raise UserError(f"concurrency={concurrency}, duration_s={duration_s}: both must be positive")
@@ -212,7 +211,7 @@ def _client(factory, protocol: str, connect: dict, window: list[float], stop: th
             result.latencies_s.append(end - start)
 
 
-def server_counts(model: str, *, host: str = "localhost", http_port: int = 8000) -> tuple[int, int]:
+def server_counts(model: str, *, host: str, http_port: int) -> tuple[int, int]:
     """The server's (inference_count, execution_count) for `model` so far; (0, 0) when it cannot say."""
     import tritonclient.http as client_lib
 
@@ -240,7 +239,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_loadgen(*, model: str, protocols: list[str], concurrency: list[int], duration_s: float,
                 warmup_s: float, pixel_values: str | None, image: str | None, host: str, http_port: int,
-                grpc_port: int, output: str | None = None) -> list[dict[str, Any]]:
+                grpc_port: int, output: str | None) -> list[dict[str, Any]]:
     """Every protocol at every concurrency, one after another; returns the summaries (and appends them to
     `output` as JSON lines when given)."""
     payload = make_payload(model, pixel_values=pixel_values, image=image)
@@ -261,12 +260,8 @@ def run_loadgen(*, model: str, protocols: list[str], concurrency: list[int], dur
 @hydra.main(config_path=CONF_DIR, config_name="loadgen", version_base="1.3")
 @clean_errors()
 def main(cfg: DictConfig) -> None:
-    rows = run_loadgen(
-        model=cfg.triton_model, protocols=list(cfg.protocols), concurrency=list(cfg.concurrency),
-        duration_s=cfg.duration_s, warmup_s=cfg.warmup_s, pixel_values=cfg.pixel_values, image=cfg.image,
-        host=cfg.host, http_port=cfg.http_port, grpc_port=cfg.grpc_port, output=cfg.output,
-    )
-    print(format_table(rows))
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    print(format_table(run_loadgen(model=settings.pop("triton_model"), **settings)))
 
 
 if __name__ == "__main__":

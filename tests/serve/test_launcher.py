@@ -1,4 +1,4 @@
-"""pipelines/serve.py and pipelines/triton.py: the rendered repository, the bundled server's layout, ports,
+"""pipelines/serve/: the launcher (`python -m pipelines.serve`), the rendered repository, the bundled server's layout, ports,
 perf_analyzer's libraries, and the launcher's life cycle (ready, stopped by SIGTERM or Ctrl-C, nothing left)."""
 
 from __future__ import annotations
@@ -14,18 +14,19 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_serving import launch, server_args, session_processes
+from helpers.server import launch, model_options, serve_settings, server_args, session_processes
 
-from pipelines import names, perf_analyzer, triton
 from pipelines.config import REPO_ROOT
-from pipelines.serve import run_serve
+from pipelines.serve import ServerError, names, perf_analyzer, ports, process, repository, watchdog
+from pipelines.serve.__main__ import run_serve
+from pipelines.serve.install import find_install
 
 SERVING = REPO_ROOT / "serving"
 
 
 def rendered(tmp_path: Path, **options) -> dict:
-    target = triton.render_repository(SERVING, tmp_path / "models", triton.ModelOptions(**options))
-    return {model: triton.read_config(target / model / "config.pbtxt") for model in names.MODELS}
+    target = repository.render_repository(SERVING, tmp_path / "models", model_options(**options))
+    return {model: repository.read_config(target / model / "config.pbtxt") for model in names.MODELS}
 
 
 def kind(config) -> str:
@@ -60,30 +61,32 @@ def test_render_places_siglip_on_the_device(tmp_path, device, expected, gpus):
 
 
 def test_render_refuses_an_unknown_device(tmp_path):
-    with pytest.raises(triton.ServerError, match="device='tpu'"):
+    with pytest.raises(ServerError, match="device='tpu'"):
         rendered(tmp_path, name_or_path="tiny", device="tpu")
-    with pytest.raises(triton.ServerError, match="max_pixels=0"):
+    with pytest.raises(ServerError, match="max_pixels=0"):
         rendered(tmp_path, name_or_path="tiny", max_pixels=0)
 
 
 def test_the_server_listens_on_this_machine_only_by_default(tmp_path, compose_cfg):
     assert compose_cfg("serve").address == "127.0.0.1"
-    assert inspect.signature(run_serve).parameters["address"].default == "127.0.0.1"
-    server = triton.TritonServer(install=triton.find_install("auto", tmp_path), repository=tmp_path,
-                                 log_path=tmp_path / "log", metrics_port=8002)
+    # conf/serve.yaml is the one source of the setting: no second default in Python.
+    assert inspect.signature(process.prepare_server).parameters["address"].default is inspect.Parameter.empty
+    settings = serve_settings("metrics_port=8002")
+    del settings["run_dir"]
+    server = process.prepare_server(run_dir=tmp_path, **settings)
     command = server.command()
     for flag in ("--http-address", "--grpc-address", "--metrics-address"):
         assert f"{flag}=127.0.0.1" in command
     # Model control is on (the launcher reloads crashed models) and answers only requests with the token.
     assert "--model-control-mode=explicit" in command
-    restricted = f"model-repository:{triton.CONTROL_HEADER}={server.control_token}"
+    restricted = f"model-repository:{process.CONTROL_HEADER}={server.control_token}"
     assert f"--http-restricted-api={restricted}" in command and f"--grpc-restricted-protocol={restricted}" in command
-    assert len(server.control_token) >= 32 and server.control_token != triton.TritonServer(
-        install=server.install, repository=tmp_path, log_path=tmp_path / "log").control_token
+    assert len(server.control_token) >= 32 and server.control_token != process.prepare_server(
+        run_dir=tmp_path / "other", **settings).control_token
 
 
 def test_the_entry_point_starts_without_torch():
-    code = ("import sys, pipelines.serve; heavy = {'torch', 'tritonclient'} & set(sys.modules); "
+    code = ("import sys, pipelines.serve.__main__; heavy = {'torch', 'tritonclient'} & set(sys.modules); "
             "print(sorted(heavy)); sys.exit(bool(heavy))")
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -93,7 +96,7 @@ def test_the_entry_point_starts_without_torch():
 
 
 def test_bundled_install_lays_out_the_python_backend(tmp_path):
-    install = triton.find_install("auto", tmp_path)
+    install = find_install("auto", tmp_path)
     assert install.binary.is_file() and install.binary.name == "tritonserver"
     backend = install.backend_dir / "python"
     for name in ("libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"):
@@ -104,8 +107,8 @@ def test_bundled_install_lays_out_the_python_backend(tmp_path):
 
 
 def test_missing_binary_is_reported(tmp_path):
-    with pytest.raises(triton.ServerError, match="no such file"):
-        triton.find_install(str(tmp_path / "tritonserver"), tmp_path)
+    with pytest.raises(ServerError, match="no such file"):
+        find_install(str(tmp_path / "tritonserver"), tmp_path)
 
 
 def test_a_taken_port_is_refused_before_starting(tmp_path):
@@ -113,18 +116,18 @@ def test_a_taken_port_is_refused_before_starting(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert triton.port_in_use("127.0.0.1", port)
-        with pytest.raises(triton.ServerError, match=f"http_port={port} is in use"):
-            run_serve(model="tiny", repository=SERVING, http_port=port, grpc_port=triton.free_port(),
-                      address="127.0.0.1", run_dir=tmp_path, echo_log=False)
-    assert not triton.port_in_use("127.0.0.1", port)
+        assert ports.port_in_use("127.0.0.1", port)
+        with pytest.raises(ServerError, match=f"http_port={port} is in use"):
+            run_serve(**serve_settings("model=tiny", f"http_port={port}", f"grpc_port={ports.free_port()}",
+                                       "address=127.0.0.1", f"run_dir={tmp_path}", "echo_log=false"))
+    assert not ports.port_in_use("127.0.0.1", port)
 
 
 def test_perf_analyzer_libraries_are_linked():
     folder = perf_analyzer.library_dir()
     for soname in perf_analyzer.LIBRARIES:
         assert (folder / soname).resolve().is_file()
-    result = subprocess.run([sys.executable, "-m", "pipelines.perf_analyzer", "--version"], check=False,
+    result = subprocess.run([sys.executable, "-m", "pipelines.serve.perf_analyzer", "--version"], check=False,
                             capture_output=True, text=True, timeout=60)
     assert "error while loading shared libraries" not in result.stderr
     assert result.returncode == 0 and "Perf Analyzer Version 2.51" in result.stdout + result.stderr
@@ -145,7 +148,7 @@ def test_launcher_stops_the_server_and_leaves_nothing(tmp_path, tiny_checkpoint,
     try:
         processes = session_processes(launched.server_pid)
         assert launched.server_pid in processes and len(processes) >= 3  # tritonserver and one stub per model
-        regions = [Path("/dev/shm") / stub.shm_region for stub in triton.list_stubs(launched.server_pid)]
+        regions = [Path("/dev/shm") / stub.shm_region for stub in watchdog.list_stubs(launched.server_pid)]
         assert len(regions) == 2 and all(region.exists() for region in regions)
         assert requests.get(f"http://localhost:{launched.http_port}/v2/health/ready").status_code == 200
     finally:
@@ -153,13 +156,13 @@ def test_launcher_stops_the_server_and_leaves_nothing(tmp_path, tiny_checkpoint,
         left = session_processes(launched.server_pid)
     output, log = launched.output.read_text(), (tmp_path / "run" / "tritonserver.log").read_text()
     assert code == 0, output
-    assert left == [] and not triton.port_in_use("127.0.0.1", launched.http_port)
+    assert left == [] and not ports.port_in_use("127.0.0.1", launched.http_port)
     assert not [region for region in regions if region.exists()]  # the stubs' shared memory is released
     assert "stopped" in output and "successfully unloaded 'siglip'" in log
     # A normal start and stop echo no Triton error line: the harmless ones stay in the log file only.
     assert not re.findall(r"^E\d{4} .*", output, flags=re.MULTILINE)
     assert "Exit timeout expired" not in log
-    for harmless in triton.HARMLESS:
+    for harmless in process.HARMLESS:
         assert harmless not in output
 
 

@@ -1,14 +1,14 @@
-"""`python -m pipelines.perf_analyzer ARGS...`: Triton's perf_analyzer from the tritonclient 2.51 wheel.
+"""`python -m pipelines.serve.perf_analyzer ARGS...`: Triton's perf_analyzer from the tritonclient 2.51 wheel.
 
 The wheel installs the binary (`<venv>/bin/perf_analyzer`) but not two libraries it links: libb64.so.0d and
 libcudart.so.12. nvidia-pytriton vendors both under hashed names; this links them under their sonames into
 `<venv>/lib/perf_analyzer-libs` and runs the binary with that folder on LD_LIBRARY_PATH. The arguments are
 perf_analyzer's own and pass through unchanged (hence no Hydra here), e.g. the seed's command:
 
-    python -m pipelines.perf_analyzer -m siglip -v --input-data data/siglip/pixel_values.json \
+    python -m pipelines.serve.perf_analyzer -m siglip -v --input-data data/siglip/pixel_values.json \
         --measurement-mode=time_windows --measurement-interval=20000 --concurrency-range=60 --latency-threshold=1000
 
-To type `perf_analyzer ...` itself: `eval "$(python -m pipelines.perf_analyzer --print-env)"`.
+To type `perf_analyzer ...` itself: `eval "$(python -m pipelines.serve.perf_analyzer --print-env)"`.
 """
 
 from __future__ import annotations
