@@ -16,13 +16,14 @@ from pipelines.presets import save_tiny
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A full SiglipModel checkpoint (vision + text towers), as the hub ships one, with random weights."""
+    """A full SiglipModel checkpoint (vision + text towers, SentencePiece tokenizer), as the hub ships one, with
+    random weights and a tokenizer trained on generated captions."""
     return save_tiny(tmp_path_factory.mktemp("tiny-full"), full=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_vision_checkpoint(tmp_path_factory) -> Path:
-    """A vision-only SiglipVisionModel checkpoint with the same weights as the `tiny` preset."""
+    """A vision-only SiglipVisionModel checkpoint (no tokenizer) with the same weights as the `tiny` preset."""
     return save_tiny(tmp_path_factory.mktemp("tiny-vision"), full=False)
 
 

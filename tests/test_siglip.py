@@ -98,6 +98,13 @@ def test_tiny_preset_equals_its_saved_checkpoint(tiny_vision_checkpoint):
     assert not torch.allclose(preset, load_encoder("tiny", device="cpu").embed(pixels.flip(0)))
 
 
+def test_tiny_preset_weights_do_not_change():
+    """`model=tiny` outputs stay those of earlier releases: the preset's first embedding values for a gray image."""
+    first = load_encoder("tiny", device="cpu", dtype="float32").embed(torch.zeros(1, 3, 384, 384))[0, :6]
+    expected = torch.tensor([-0.8242315, 0.7061949, -0.1727040, 1.0759259, 0.8685182, -1.2124473])
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny_checkpoint", "tiny_vision_checkpoint"])
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
 def test_spec_metadata_equals_the_loaded_encoders(request, model, dtype):
@@ -170,8 +177,11 @@ def test_dtype_names():
 def test_save_tiny_writes_a_hub_style_checkpoint(tmp_path):
     directory = save_tiny(tmp_path / "ckpt")
     names = {p.name for p in directory.iterdir()}
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= names
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "spiece.model",
+            "tokenizer_config.json"} <= names
     assert json.loads((directory / "config.json").read_text())["model_type"] == "siglip"
+    vision = {p.name for p in save_tiny(tmp_path / "vision", full=False).iterdir()}
+    assert "config.json" in vision and "spiece.model" not in vision and "tokenizer_config.json" not in vision
 
 
 # ---------------------------------------------------------------- a hub id when the hub cannot be had
