@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,19 +36,19 @@ class TextTowerMissingError(UserError):
 
 
 class TextInputError(UserError):
-    """One text row cannot be embedded (not a string, empty, not UTF-8); the message names the row."""
+    """Text rows that cannot be embedded (not a string, empty, not UTF-8); the message names each row and why."""
 
-    def __init__(self, row: int, message: str) -> None:
-        super().__init__(f"text row {row}: {message}")
-        self.row = row
+    def __init__(self, message: str, rows: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
 def check_text(text: Any, row: int) -> str:
     """`text` if it is a non-empty str, else TextInputError naming `row`."""
     if not isinstance(text, str):
-        raise TextInputError(row, f"expected a string, got {type(text).__name__}")
+        raise _bad_row(row, f"expected a string, got {type(text).__name__}")
     if not text.strip():
-        raise TextInputError(row, "empty text (nothing to embed)")
+        raise _bad_row(row, "empty text (nothing to embed)")
     return text
 
 
@@ -56,8 +57,25 @@ def decode_text(data: bytes, row: int) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TextInputError(row, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise _bad_row(row, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     return check_text(text, row)
+
+
+def decode_texts(blobs: Sequence[bytes]) -> list[str]:
+    """One request's BYTES rows -> its texts; a TextInputError naming every bad row (`; `-separated) otherwise."""
+    texts, errors = [], []
+    for row, blob in enumerate(blobs):
+        try:
+            texts.append(decode_text(bytes(blob), row))
+        except TextInputError as exc:
+            errors.append(exc)
+    if errors:
+        raise TextInputError("; ".join(map(str, errors)), tuple(row for e in errors for row in e.rows))
+    return texts
+
+
+def _bad_row(row: int, why: str) -> TextInputError:
+    return TextInputError(f"text row {row}: {why}", (row,))
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pipelines.text import (
     TextSpec,
     TextTowerMissingError,
     decode_text,
+    decode_texts,
     load_text_encoder,
 )
 
@@ -134,7 +135,7 @@ def test_metadata_is_json_and_names_the_model(tiny_checkpoint, text_encoder):
 def test_bad_rows_name_the_row(text_encoder, texts, row, expected):
     with pytest.raises(TextInputError) as info:
         text_encoder.embed(texts)
-    assert info.value.row == row
+    assert info.value.rows == (row,)
     assert str(info.value).startswith(f"text row {row}: ") and expected in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -145,6 +146,12 @@ def test_decode_text():
         decode_text(b"caf\xe9", 3)
     with pytest.raises(TextInputError, match=r"^text row 1: empty"):
         decode_text(b"", 1)
+    assert decode_texts([b"a cat", "☕ café".encode()]) == ["a cat", "☕ café"]
+    with pytest.raises(TextInputError) as info:
+        decode_texts([b"a cat", b"\xff\xfe", b"a dog", b""])
+    assert info.value.rows == (1, 3)
+    assert str(info.value) == ("text row 1: not valid UTF-8 (invalid start byte at byte 0); "
+                               "text row 3: empty text (nothing to embed)")
 
 
 def test_no_texts_give_no_rows(text_encoder):
