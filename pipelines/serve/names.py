@@ -1,6 +1,6 @@
 """Names shared by the Triton model repository (`serving/*/config.pbtxt`), its clients and the tests.
 
-`tests/serve/test_serving.py` checks that every `config.pbtxt` agrees with these constants.
+`tests/serve/test_models.py` checks that every `config.pbtxt` agrees with these constants.
 """
 
 from __future__ import annotations
