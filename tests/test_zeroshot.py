@@ -1,0 +1,103 @@
+"""pipelines/zeroshot.py and pipelines/classnames.py: the prompt ensemble, SigLIP's sigmoid probabilities, the
+class embeddings saved as Parquet and reused only while model, names and templates are unchanged, class names
+from LOC_synset_mapping.txt, tab-separated files or folder names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import classnames, zeroshot
+from pipelines.errors import UserError
+
+TEXT_META = {"model": "tiny", "revision": None, "embedding_dim": 4, "dtype": "float32"}
+
+
+def fake_text_tower(texts):
+    """A deterministic text -> 4-d vector function (not unit norm), standing in for a text tower."""
+    out = []
+    for t in texts:
+        rng = np.random.default_rng(sum(map(ord, t)) * 7 + len(t))
+        out.append(rng.normal(size=4) * (1 + len(t)))
+    return np.asarray(out, np.float32)
+
+
+def test_ensemble_averages_unit_prompt_embeddings_then_renormalises():
+    names, templates = ["cat", "dog", "ankle boot"], ["a photo of a {}.", "a drawing of the {}.", "{}"]
+    got = zeroshot.ensemble(fake_text_tower, names, templates, batch_size=2)
+    for i, name in enumerate(names):
+        prompts = fake_text_tower([t.format(name) for t in templates]).astype(np.float64)
+        mean = (prompts / np.linalg.norm(prompts, axis=1, keepdims=True)).mean(axis=0)
+        np.testing.assert_allclose(got[i], mean / np.linalg.norm(mean), atol=1e-6)
+    assert got.dtype == np.float32 and got.shape == (3, 4)
+
+
+def test_logits_and_probabilities_are_siglips():
+    rng = np.random.default_rng(0)
+    images, classes = rng.normal(size=(5, 4)).astype(np.float32) * 3, zeroshot._unit(rng.normal(size=(3, 4)))
+    logits = zeroshot.logits(images, classes, logit_scale=117.3, logit_bias=-12.9)
+    cos = (images / np.linalg.norm(images, axis=1, keepdims=True)) @ classes.T
+    np.testing.assert_allclose(logits, 117.3 * cos - 12.9, rtol=1e-5, atol=1e-4)
+    assert (logits.argmax(axis=1) == cos.argmax(axis=1)).all()
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(zeroshot.sigmoid(logits), 1 / (1 + np.exp(-logits.astype(np.float64))),
+                                   rtol=1e-5, atol=1e-7)
+    assert zeroshot.sigmoid(np.array([-1e4, 0, 1e4], np.float32)).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_templates_need_one_placeholder():
+    assert zeroshot.check_templates(["a {}."]) == ["a {}."]
+    for bad in ([], ["a photo"], ["{} and {}"]):
+        with pytest.raises(UserError):
+            zeroshot.check_templates(bad)
+
+
+def test_class_embeddings_saved_with_metadata_reused_and_recomputed(tmp_path):
+    path, calls = tmp_path / "z" / zeroshot.CLASS_EMBEDDINGS, []
+
+    def counting(texts):
+        calls.append(len(texts))
+        return fake_text_tower(texts)
+
+    args = dict(text_meta=TEXT_META, labels=["a", "b"], names=["cat", "dog"], templates=["a {}."], embed=counting,
+                batch_size=8)
+    first, reused = zeroshot.class_embeddings(path, **args)
+    assert not reused and calls == [2]
+    table = pq.read_table(path)
+    assert table.column("label").to_pylist() == ["a", "b"] and table.column("name").to_pylist() == ["cat", "dog"]
+    again, reused = zeroshot.class_embeddings(path, **args)
+    assert reused and calls == [2] and (again == first).all()
+    for change in ({"names": ["cat", "wolf"]}, {"templates": ["a {}.", "the {}."]},
+                   {"text_meta": {**TEXT_META, "model": "other"}}, {"labels": ["a", "c"]}):
+        _, reused = zeroshot.class_embeddings(path, **{**args, **change})
+        assert not reused
+    path.write_bytes(b"torn")
+    assert zeroshot.class_embeddings(path, **args)[1] is False  # unreadable: computed again and replaced
+    assert zeroshot.class_embeddings(path, **args)[1] is True
+
+
+def test_output_folder_beside_never_inside(tmp_path):
+    emb = tmp_path / "sample-tiny"
+    assert zeroshot.output_location(emb, None) == tmp_path / "sample-tiny-zeroshot"
+    with pytest.raises(UserError, match="inside embeddings_dir"):
+        zeroshot.output_location(emb, emb / "z")
+
+
+def test_class_names_from_synset_mapping_tab_file_and_folders(tmp_path):
+    loc = tmp_path / "LOC_synset_mapping.txt"
+    loc.write_text("n01440764 tench, Tinca tinca\nn02012849 crane\nn03126707 crane\n\n")
+    assert classnames.read_names(loc) == {"n01440764": "tench", "n02012849": "crane", "n03126707": "crane"}
+    tab = tmp_path / "names.tsv"
+    tab.write_text("n01440764\ttench, the fish\nankle_boot\tboot\n")
+    assert classnames.read_names(tab) == {"n01440764": "tench, the fish", "ankle_boot": "boot"}
+    assert classnames.names_for(["n01440764", "ankle_boot", "t_shirt"], tab) == ["tench, the fish", "boot",
+                                                                                  "t shirt"]
+    assert classnames.names_for(["ankle_boot"], None) == ["ankle boot"]
+    assert classnames.find_names_file(None, [tmp_path / "none", tmp_path]) == loc
+    assert classnames.find_names_file(None, [tmp_path / "none"]) is None
+    with pytest.raises(UserError, match="no such file"):
+        classnames.find_names_file(tmp_path / "missing.txt", [])
+    (tmp_path / "bad.txt").write_text("n01440764\n")
+    with pytest.raises(UserError, match="bad.txt:1"):
+        classnames.read_names(tmp_path / "bad.txt")
