@@ -16,9 +16,10 @@ import time
 import warnings
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from pipelines.siglip import Preprocess
 log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+T = TypeVar("T")
 
 
 # PIL's decompression-bomb threshold (about 89.5 megapixels): the default pixel limit of `decode`.
@@ -354,6 +356,20 @@ def _one_line_text(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or "no message"
 
 
+def read_file(path: Path, load: Callable[[bytes], T]) -> tuple[T | None, str | None]:
+    """(`load(path's bytes)`, None), or (None, the reason for the errors file): a file that cannot be read,
+    decoded or resized is a record ("DecodeError: too large: ..."), never an exception. Both runners read so."""
+    try:
+        return load(path.read_bytes()), None
+    except Exception as exc:  # noqa: BLE001 - DecodeError, OSError, a resize failure: a record, the worker lives
+        return None, failure_reason(exc)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """An errors-file reason: the exception's type and its message on one line."""
+    return f"{type(exc).__name__}: {_one_line_text(exc)}"
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Reads and resizes one record per item; a failure becomes an error entry, never an exception.
 
@@ -379,10 +395,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self.tracker[slot], self.tracker[slot + 2] = os.getpid(), int(time.monotonic() * 1000)
             self.tracker[slot + 1] = i
         try:
-            pixels = self.load((self.root / self.records[i].path).read_bytes())
-            return {"index": i, "pixels": pixels, "error": None}
-        except Exception as exc:  # noqa: BLE001 - DecodeError, OSError, a resize failure: an entry, the worker lives
-            return {"index": i, "pixels": None, "error": f"{type(exc).__name__}: {_one_line_text(exc)}"}
+            pixels, error = read_file(self.root / self.records[i].path, self.load)
+            return {"index": i, "pixels": pixels, "error": error}
         finally:
             if slot is not None:
                 self.tracker[slot + 1] = -1
@@ -480,6 +494,11 @@ class EncodedBatch:
             except DecodeError as exc:
                 failed.append((index, f"{type(exc).__name__}: {exc}"))
         return Batch(indices, resize_all(images, preprocess, device=device), failed)
+
+
+def decoded(loaded: Batch | EncodedBatch, preprocess: Preprocess, device: torch.device) -> Batch:
+    """What a loader yields, with pixels: an `EncodedBatch`'s JPEGs decoded on `device`, a `Batch` as it is."""
+    return loaded.decoded(preprocess, device) if isinstance(loaded, EncodedBatch) else loaded
 
 
 def collate_encoded(items: list[dict[str, Any]]) -> EncodedBatch:

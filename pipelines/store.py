@@ -1,4 +1,4 @@
-"""The Parquet store: schema, atomic part writer, errors file, resume state, reader, layout upgrade.
+"""The Parquet store: schema, atomic parts and their writer thread, errors file, resume state, reader, upgrade.
 
 An output directory is itself a Parquet dataset, hive-partitioned by split: pandas, pyarrow, polars and duckdb
 read it whole and get exactly the embedded rows with a `split` column. Bookkeeping has names those readers skip
@@ -21,9 +21,12 @@ import fnmatch
 import json
 import logging
 import os
+import queue
 import re
 import shlex
 import shutil
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -220,6 +223,59 @@ def write_part(split_dir: Path, table: pa.Table, *, prefix: str) -> Path:
     return final
 
 
+class PartWriter:
+    """Buffers rows and writes parts of `rows_per_part` in a background thread; `close` flushes."""
+
+    def __init__(self, split_dir: Path, *, metadata: dict[str, Any], rows_per_part: int, prefix: str) -> None:
+        self.split_dir, self.metadata, self.rows_per_part, self.prefix = split_dir, metadata, rows_per_part, prefix
+        self.write_s = 0.0
+        self._buffer: list[tuple[list[str], list[str], np.ndarray]] = []
+        self._rows = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="parquet-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, paths: list[str], labels: list[str], embeddings: np.ndarray) -> None:
+        """Queue rows: paths, labels [N] and float32 embeddings [N, D]."""
+        if self._error is not None:
+            raise RuntimeError("Parquet writer failed") from self._error
+        self._buffer.append((paths, labels, embeddings))
+        self._rows += len(paths)
+        if self._rows >= self.rows_per_part:
+            self._flush()
+
+    def close(self) -> None:
+        """Write what is buffered, wait for the thread, re-raise its failure."""
+        self._flush()
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError("Parquet writer failed") from self._error
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._queue.put(self._buffer)
+            self._buffer, self._rows = [], 0
+
+    def _run(self) -> None:
+        while (chunks := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                start = time.perf_counter()
+                table = to_table(
+                    [p for c in chunks for p in c[0]],
+                    [label for c in chunks for label in c[1]],
+                    np.concatenate([c[2] for c in chunks]),
+                    self.metadata,
+                )
+                write_part(self.split_dir, table, prefix=self.prefix)
+                self.write_s += time.perf_counter() - start
+            except BaseException as exc:  # noqa: BLE001 - surfaced by add/close in the main thread
+                self._error = exc
+
+
 def append_errors(split_dir: Path, errors: Iterable[dict[str, str]]) -> None:
     """Append error records (path, label, error) to the split's errors file, durably."""
     lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors)
@@ -338,6 +394,21 @@ def check_location(output_dir: Path, *, root: Path, splits: Sequence[str]) -> No
             raise UnsafeOutputError(f"output_dir={output_dir}: its {ours.name}/ folder and the dataset's "
                                     f"{data / split} overlap (the parts would be listed as images); "
                                     "choose an output_dir outside the dataset's split folders")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an output_dir that cannot be written: a file, a read-only folder, a parent that cannot be made."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir={output_dir}: is a file, not a folder; choose another output_dir")
+    probe = output_dir / f".write-test-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) not in (output_dir, probe) else ""
+        raise UserError(f"output_dir={output_dir}: cannot write there: {reason}{where}") from exc
 
 
 def check_overwrite(output_dir: Path, *, protected: Sequence[Path] = ()) -> None:

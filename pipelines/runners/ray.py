@@ -1,10 +1,10 @@
 """The Ray runner: Ray Data decodes on CPU tasks, an actor pool runs the encoder, the driver writes parts.
 
-A drop-in for `pipelines.runner.embed_split` (same keyword arguments, plus the Ray settings that
-`conf/runner/ray.yaml` binds). It reuses the core stages unchanged: the same records, `decode` and
-`Preprocess.resize` in the CPU tasks (in a child process each, `IsolatedDecoder`, so a crashing file is an error
-record, not a dead task), `load_encoder` + `Encoder.embed_uint8` in the actors, and
-the local runner's `PartWriter` and errors file on the driver. Every part is written by the driver, so parts
+A drop-in for `pipelines.runners.local.run` (the same `Job`, plus the Ray settings that `conf/runner/ray.yaml`
+binds). It reuses the core stages unchanged: the same records, `data.read_file`, `decode` and `Preprocess.resize`
+in the CPU tasks (in a child process each, `IsolatedDecoder`, so a crashing file is an error record, not a dead
+task), `EncoderSpec.load` + `Encoder.embed_uint8` in the actors, and `store.PartWriter` and the errors file on
+the driver. The driver never loads the model's weights: it reads the checkpoint's preprocessing and metadata. Every part is written by the driver, so parts
 stay atomic and a rerun resumes from `store.done_paths` exactly as after a local run (docs/scale-out.md).
 Ray is an optional extra (`.[ray]`), so it is imported inside the functions that use it.
 """
@@ -16,6 +16,8 @@ import math
 import os
 import socket
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,12 @@ import torch
 from tqdm import tqdm
 
 from pipelines import store
-from pipelines.config import UserError
-from pipelines.data import DEFAULT_MAX_PIXELS, ImageRecord
+from pipelines.data import ImageRecord, failure_reason, read_file
+from pipelines.errors import UserError
 from pipelines.isolate import IsolatedDecoder
-from pipelines.runner import PartWriter, SplitStats, record_errors, start_split, write_split
-from pipelines.siglip import Encoder, Preprocess, load_encoder
+from pipelines.runners.split import Job, SplitStats, record_errors, start_split, write_split
+from pipelines.siglip import EncoderSpec, Preprocess
+from pipelines.store import PartWriter
 
 log = logging.getLogger(__name__)
 
@@ -43,56 +46,56 @@ DECODE_BASE_MEMORY = 512 * 2**20
 DECODE_MEMORY_FACTOR = 4
 
 
-def embed_split(
+def run(
+    job: Job,
+    splits: Mapping[str, list[ImageRecord]],
     *,
-    encoder: Encoder,
-    root: Path,
-    split: str,
-    records: list[ImageRecord],
-    output_dir: Path,
-    batch_size: int,
-    num_workers: int,
-    rows_per_part: int,
-    prefix: str,
-    progress: bool = True,
-    address: str | None = None,
-    num_actors: int | str = "auto",
-    num_gpus_per_actor: float | str = "auto",
-    num_cpus_per_actor: float = 1,
-    num_cpus: int | None = None,
-    object_store_memory: int | None = None,
-    log_to_driver: bool = True,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> SplitStats:
-    """Embed the records not yet in `output_dir/split` on Ray; errors go to its errors file.
+    address: str | None,
+    num_actors: int | str,
+    num_gpus_per_actor: float | str,
+    num_cpus_per_actor: float,
+    num_cpus: int | None,
+    object_store_memory: int | None,
+    log_to_driver: bool,
+) -> list[SplitStats]:
+    """The Ray runner: embed each split's records not yet in `job.output_dir` on Ray; errors go to its errors file.
 
-    `max_pixels`: larger images are error records ("too large: WxH"), refused from their header. The decode
-    tasks decode in a child process of their worker (`IsolatedDecoder`), so a file that crashes the decoder is
-    an error record ("decoder crashed (signal 11)"), not a dead task.
-
-    `num_workers` is unused: Ray runs decode tasks on every CPU of the cluster the actors leave free.
-    `address`, `num_cpus`, `object_store_memory`, `log_to_driver` go to `connect`.
+    The decode tasks decode in a child process of their worker (`IsolatedDecoder`), so a file that crashes the
+    decoder is an error record ("decoder crashed (signal 11)"), not a dead task. `job.num_workers` caps how many
+    decode tasks run at once ('auto': every CPU of the cluster the actors leave free). `address`, `num_cpus`,
+    `object_store_memory`, `log_to_driver` go to `connect`; the actors' settings to `resolve_actors`.
     """
-    split_dir, todo, stats = start_split(output_dir, split, records, prefix)
-    if not todo:
-        return stats
-    connect(address=address, num_cpus=num_cpus, object_store_memory=object_store_memory, log_to_driver=log_to_driver)
-    gpus, actors = resolve_actors(num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
-                                  num_cpus_per_actor=num_cpus_per_actor)
-    log.info("%s: %d images on Ray, %d encoder actor(s) with %s GPU and %s CPU each",
-             split, len(todo), actors, gpus, num_cpus_per_actor)
-    dataset = build_dataset(todo, root=root, encoder=encoder, batch_size=batch_size, num_actors=actors,
-                            num_gpus_per_actor=gpus, num_cpus_per_actor=num_cpus_per_actor, max_pixels=max_pixels)
-    return write_split(
-        split_dir, stats, len(todo), metadata=encoder.metadata(), rows_per_part=rows_per_part, prefix=prefix,
-        progress=progress, fill=lambda writer, bar: _drain(dataset, writer, split_dir, stats, bar),
-    )
+    check_workers(job.num_workers)
+    preprocess, metadata = job.encoder.preprocess(), job.encoder.metadata()
+    results = []
+    for split, records in splits.items():
+        split_dir, todo, stats = start_split(job.output_dir, split, records, job.prefix)
+        results.append(stats)
+        if not todo:
+            continue
+        connect(address=address, num_cpus=num_cpus, object_store_memory=object_store_memory,
+                log_to_driver=log_to_driver)
+        gpus, actors = resolve_actors(num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
+                                      num_cpus_per_actor=num_cpus_per_actor)
+        log.info("%s: %d images on Ray, %d encoder actor(s) with %s GPU and %s CPU each",
+                 split, len(todo), actors, gpus, num_cpus_per_actor)
+        dataset = build_dataset(todo, job=job, preprocess=preprocess, metadata=metadata, num_actors=actors,
+                                num_gpus_per_actor=gpus, num_cpus_per_actor=num_cpus_per_actor)
+        write_split(split_dir, stats, len(todo), metadata=metadata, rows_per_part=job.rows_per_part,
+                    prefix=job.prefix, progress=job.progress,
+                    fill=lambda writer, bar, d=dataset, s=split_dir, st=stats: _drain(d, writer, s, st, bar))
+    return results
 
 
-def connect(
-    *, address: str | None, num_cpus: int | None = None, object_store_memory: int | None = None,
-    log_to_driver: bool = True,
-) -> None:
+def check_workers(num_workers: int | str) -> None:
+    """Refuse `num_workers=0` (UserError): a Ray job decodes in Ray tasks, at least one at a time."""
+    if num_workers != "auto" and int(num_workers) < 1:
+        raise UserError(f"num_workers={num_workers}: runner=ray decodes in Ray tasks; expected auto or a whole "
+                        "number of at least 1 (the most decode tasks at once)")
+
+
+def connect(*, address: str | None, num_cpus: int | None, object_store_memory: int | None,
+            log_to_driver: bool) -> None:
     """Join the cluster at `address` (else $RAY_ADDRESS); without either, start a local Ray for this process.
 
     A local Ray stops when the process exits (Ray's own exit hook); `num_cpus` and `object_store_memory`
@@ -139,11 +142,12 @@ def resolve_actors(
 
 
 def build_dataset(
-    records: list[ImageRecord], *, root: Path, encoder: Encoder, batch_size: int, num_actors: int,
-    num_gpus_per_actor: float, num_cpus_per_actor: float, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    records: list[ImageRecord], *, job: Job, preprocess: Preprocess, metadata: dict[str, Any], num_actors: int,
+    num_gpus_per_actor: float, num_cpus_per_actor: float,
 ):
     """The lazy pipeline: listing blocks -> decode + resize (CPU tasks) -> embed (actor pool).
 
+    `metadata`: what `job.encoder` records (`EncoderSpec.metadata`); every actor must load exactly that.
     Rows out: path, label, error ('' when embedded), embedding float32 [D] (zeros on error), model_s.
     """
     import ray
@@ -151,25 +155,23 @@ def build_dataset(
     from ray.data import ActorPoolStrategy
 
     table = pa.table({"path": [r.path for r in records], "label": [r.label for r in records]})
-    step = _rows_per_task(len(records), batch_size, int(ray.cluster_resources().get("CPU", 1)))
+    step = _rows_per_task(len(records), job.batch_size, int(ray.cluster_resources().get("CPU", 1)))
     listing = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(records), step)])
-    metadata = encoder.metadata()
-    pixels = encoder.preprocess.height * encoder.preprocess.width * 3
+    pixels = preprocess.height * preprocess.width * 3
     decoded = listing.map_batches(
-        decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+        decode_batch, batch_size=job.batch_size, batch_format="numpy", num_cpus=1,
+        concurrency=None if job.num_workers == "auto" else int(job.num_workers),
         # Also keeps Ray from fusing the decode into the actors (it fuses equal resource requests only), which
         # would serialise decoding behind the model.
-        memory=DECODE_BASE_MEMORY + DECODE_MEMORY_FACTOR * batch_size * pixels,
-        fn_kwargs={"root": str(root), "preprocess": encoder.preprocess, "max_pixels": max_pixels},
+        memory=DECODE_BASE_MEMORY + DECODE_MEMORY_FACTOR * job.batch_size * pixels,
+        fn_kwargs={"root": str(job.root), "preprocess": preprocess, "max_pixels": job.max_pixels},
     )
+    # The actors load the checkpoint the driver describes, on their own device, in the dtype it records.
+    spec = replace(job.encoder, device="cuda" if num_gpus_per_actor > 0 else "cpu", dtype=metadata["dtype"])
     return decoded.map_batches(
-        EmbedActor, batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=num_actors),
+        EmbedActor, batch_size=job.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=num_actors),
         num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor,
-        fn_constructor_kwargs={
-            "model": encoder.name_or_path, "revision": encoder.revision, "dtype": metadata["dtype"],
-            "device": "cuda" if num_gpus_per_actor > 0 else "cpu",
-            "threads": max(1, int(num_cpus_per_actor)), "expected": metadata,
-        },
+        fn_constructor_kwargs={"spec": spec, "threads": max(1, int(num_cpus_per_actor)), "expected": metadata},
     )
 
 
@@ -178,7 +180,7 @@ def _rows_per_task(rows: int, batch_size: int, cpus: int) -> int:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, root: str, preprocess: Preprocess,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+                 max_pixels: int | None) -> dict[str, np.ndarray]:
     """{path, label} [B] -> the same plus pixels uint8 [B, 3, H, W] (zeros on failure) and error [B] ('' if none).
 
     Files are read here and decoded + resized by this worker's `IsolatedDecoder` (one child process per
@@ -189,14 +191,15 @@ def decode_batch(batch: dict[str, np.ndarray], *, root: str, preprocess: Preproc
     errors = [""] * len(paths)
     blobs: dict[int, bytes] = {}
     for i, path in enumerate(paths):
-        try:
-            blobs[i] = (Path(root) / path).read_bytes()
-        except OSError as exc:
-            errors[i] = f"{type(exc).__name__}: {exc}"
+        blob, error = read_file(Path(root) / path, bytes)
+        if error is None:
+            blobs[i] = blob
+        else:
+            errors[i] = error
     decoded = _decoder(preprocess, max_pixels).decode_many(list(blobs.values()))
     for i, result in zip(blobs, decoded):
         if isinstance(result, Exception):
-            errors[i] = f"{type(result).__name__}: {result}"
+            errors[i] = failure_reason(result)
         else:
             pixels[i] = result.numpy()
     return {"path": batch["path"], "label": batch["label"], "pixels": pixels, "error": np.array(errors, object)}
@@ -216,11 +219,10 @@ def _decoder(preprocess: Preprocess, max_pixels: int | None) -> IsolatedDecoder:
 class EmbedActor:
     """One encoder per actor: a decoded batch -> path, label, error, embedding float32 [B, D], model_s [B]."""
 
-    def __init__(self, *, model: str, revision: str | None, dtype: str, device: str, threads: int,
-                 expected: dict[str, Any]) -> None:
-        if device == "cpu":
+    def __init__(self, *, spec: EncoderSpec, threads: int, expected: dict[str, Any]) -> None:
+        if spec.device == "cpu":
             torch.set_num_threads(threads)  # the actor's CPU share; more threads fight the decode tasks
-        self.encoder = load_encoder(model, device=device, dtype=dtype, revision=revision)
+        self.encoder = spec.load()
         # The driver writes its own metadata into every footer: each node must load exactly that model.
         diffs = store.differences(expected, self.encoder.metadata(), where=("on the driver", "here"))
         if diffs:

@@ -1,0 +1,114 @@
+"""What every runner shares: the job's settings, and one split's bookkeeping (resume state, errors, stats)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tqdm import tqdm
+
+from pipelines import store
+from pipelines.store import PartWriter
+
+if TYPE_CHECKING:
+    from pipelines.data import ImageRecord
+    from pipelines.siglip import EncoderSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every runner receives: the job's settings (conf/embed.yaml, checked by `pipelines.runners.settings`).
+
+    `encoder` describes the checkpoint; a runner loads it where it computes (the local runner in this process,
+    the Ray runner in its actors). `num_workers`: decode workers, or 'auto' (the runner's choice).
+    `max_pixels`: larger images are error records ("too large: WxH"), refused from their header; None: no limit.
+    `compile`: torch.compile the model for `batch_size` (the last, smaller batch is padded, nothing recompiles).
+    """
+
+    encoder: EncoderSpec
+    root: Path
+    output_dir: Path
+    prefix: str  # part names' shard prefix, e.g. shard0of1
+    batch_size: int
+    num_workers: int | str
+    rows_per_part: int
+    progress: bool
+    max_pixels: int | None
+    compile: bool
+
+
+class Runner(Protocol):
+    """A runner embeds each split's records not yet in `job.output_dir` and returns each split's stats."""
+
+    def __call__(self, job: Job, splits: Mapping[str, list[ImageRecord]]) -> list[SplitStats]: ...
+
+
+@dataclass
+class SplitStats:
+    """What one split's run did; times in seconds (read = waiting on the loader, first_batch = its start-up)."""
+
+    split: str
+    listed: int = 0
+    already_done: int = 0
+    embedded: int = 0
+    errors: int = 0
+    read_s: float = 0.0
+    model_s: float = 0.0
+    write_s: float = 0.0
+    wall_s: float = 0.0
+    first_batch_s: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.embedded / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 2)}
+
+
+def start_split(
+    output_dir: Path, split: str, records: list[ImageRecord], prefix: str
+) -> tuple[Path, list[ImageRecord], SplitStats]:
+    """What a runner has left to do in `output_dir/split`: (split folder, records not yet done, stats so far).
+
+    Clears this prefix's temporary files a killed run left; embedded and recorded-as-error paths are done.
+    """
+    split_dir = store.split_dir(output_dir, split)
+    store.remove_stale_tmp(split_dir, prefix)
+    done = store.done_paths(split_dir)
+    todo = [r for r in records if r.path not in done]
+    return split_dir, todo, SplitStats(split=split, listed=len(records), already_done=len(records) - len(todo))
+
+
+def write_split(
+    split_dir: Path, stats: SplitStats, total: int, *, metadata: dict[str, Any], rows_per_part: int, prefix: str,
+    progress: bool, fill: Callable[[PartWriter, tqdm], None],
+) -> SplitStats:
+    """Run `fill(writer, bar)`, which adds `total` images' rows, then flush the parts; times go into `stats`."""
+    writer = PartWriter(split_dir, metadata=metadata, rows_per_part=rows_per_part, prefix=prefix)
+    bar = tqdm(total=total, desc=f"embed {stats.split}", unit="img", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        fill(writer, bar)
+    finally:
+        bar.close()
+        writer.close()
+    stats.write_s = writer.write_s
+    stats.wall_s = time.perf_counter() - start
+    return stats
+
+
+def record_errors(split_dir: Path, failures: Iterable[tuple[str, str, str]], stats: SplitStats) -> None:
+    """Log and append (path, label, reason) failures to the split's errors file; count them in `stats`."""
+    errors = []
+    for path, label, reason in failures:
+        log.warning("skipped %s: %s", path, reason)
+        errors.append({"path": path, "label": label, "error": reason})
+    store.append_errors(split_dir, errors)
+    stats.errors += len(errors)
