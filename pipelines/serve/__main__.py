@@ -66,12 +66,12 @@ def _serve(server: TritonServer, ready_timeout_s: float) -> None:
             crashes = [t for t in crashes if t > time.monotonic() - CRASH_WINDOW_S] + [time.monotonic()]
             if len(crashes) > MAX_CRASHES:
                 raise ServerError(f"tritonserver exited on its own {len(crashes)} times in "
-                                         f"{CRASH_WINDOW_S / 60:.0f} minutes, last with status "
-                                         f"{server.returncode()}{server.log_tail()}")
+                                  f"{CRASH_WINDOW_S / 60:.0f} minutes, last with status "
+                                  f"{server.returncode()}{server.log_tail()}")
             log.error("tritonserver exited on its own with status %s%s; starting a new one", server.returncode(),
                       server.log_tail())
             server.restart_needed.set()
-        if server.restart_needed.is_set():  # or a crashed stub Triton could not let go of (pipelines.serve.watchdog)
+        if server.restart_needed.is_set():  # or a crashed stub Triton could not let go of (watchdog)
             start = time.monotonic()
             server.restart()
             log.info("tritonserver restarted (pid %d), ready in %.1f s", server.process.pid, time.monotonic() - start)

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 SIGLIP = "siglip"
 EMBED_IMAGE = "embed_image"
+EMBED_TEXT = "embed_text"
 # The models the launcher renders, loads and watches, in this order (a model BLS calls comes before its caller).
 MODELS = (
     SIGLIP,
     EMBED_IMAGE,
+    EMBED_TEXT,
 )
 
 # siglip: FP32 [B, 3, 384, 384] preprocessed pixel values -> FP32 [B, D].
 PIXEL_VALUES = "PIXEL_VALUES"
 # embed_image: BYTES [B, 1], one encoded image file (JPEG, PNG, ...) per row -> FP32 [B, D].
 IMAGE = "IMAGE"
-# Both models' single output (clients read outputs[0]).
+# embed_text: BYTES [B, 1], one UTF-8 text per row -> FP32 [B, D] (SigLIP's text tower).
+TEXT = "TEXT"
+# Every model's single output (clients read outputs[0]).
 EMBEDDING = "EMBEDDING"
 
 # config.pbtxt `parameters` keys, filled in by `python -m pipelines.serve`.

@@ -270,9 +270,9 @@ class TritonServer:
         return code
 
     def restart(self) -> None:
-        """Replace a server that cannot recover (see watchdog.StubWatchdog): kill its session at once (its requests in
-        flight fail; a clean stop would only wait out the exit timeout on the wedged model), remove its
-        /dev/shm regions, and start a new server on the same ports."""
+        """Replace a server that cannot recover (see watchdog.StubWatchdog): kill its session at once (its
+        requests in flight fail; a clean stop would only wait out the exit timeout on the wedged model), remove
+        its /dev/shm regions, and start a new server on the same ports."""
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None

@@ -1,5 +1,6 @@
-"""pipelines/serve/: the launcher (`python -m pipelines.serve`), the rendered repository, the bundled server's layout, ports,
-perf_analyzer's libraries, and the launcher's life cycle (ready, stopped by SIGTERM or Ctrl-C, nothing left)."""
+"""pipelines/serve/: the launcher (`python -m pipelines.serve`), the rendered repository, the bundled server's
+layout, ports, perf_analyzer's libraries, and the launcher's life cycle (ready, stopped by SIGTERM or Ctrl-C,
+nothing left)."""
 
 from __future__ import annotations
 

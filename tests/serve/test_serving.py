@@ -553,9 +553,9 @@ def test_loadgen_cli_prints_the_table(server, photo_bytes, tmp_path):
     image = tmp_path / "photo.jpg"
     image.write_bytes(photo_bytes["rgb.jpg"])
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.serve.loadgen", f"http_port={server.http_port}", f"grpc_port={server.grpc_port}",
-         "triton_model=embed_image", f"image={image}", "protocols=[http,grpc]", "concurrency=[2]", "duration_s=1",
-         "warmup_s=0.3", f"output={tmp_path / 'figures.jsonl'}"],
+        [sys.executable, "-m", "pipelines.serve.loadgen", f"http_port={server.http_port}",
+         f"grpc_port={server.grpc_port}", "triton_model=embed_image", f"image={image}", "protocols=[http,grpc]",
+         "concurrency=[2]", "duration_s=1", "warmup_s=0.3", f"output={tmp_path / 'figures.jsonl'}"],
         check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
