@@ -4,9 +4,7 @@ SIGTERM save and exit 130 / 143, no-op resumes keep the summary, multirun output
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import json
 import os
 import re
@@ -14,13 +12,23 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 import pytest
+from helpers.jobs import (
+    embed_args,
+    embed_cli,
+    is_locked,
+    one_line_error,
+    open_fds,
+    start_job,
+    start_job_writing,
+    stopped,
+    stopped_with_workers,
+    wait_for,
+)
 
 from pipelines import store
 from pipelines.config import REPO_ROOT, UserError, clean_errors
@@ -30,21 +38,6 @@ from pipelines.validate import run_validate
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 N_SAMPLE = 300  # data/sample: 100 train + 200 valid
-DEADLINE_S = 180  # generous: CI shares 2 cores
-
-
-def embed_args(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.embed", "model=tiny", f"output_dir={out}", "progress=false", *extra]
-
-
-def embed_cli(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(embed_args(out, *extra), check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                          env=env)
-
-
-def start_job(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(embed_args(out, *extra), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
 
 
 def run(root: Path, out: Path, **kwargs) -> dict:
@@ -60,69 +53,6 @@ def all_paths(out: Path, splits=("train", "valid")) -> list[str]:
 
 def tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_line_error(result: subprocess.CompletedProcess, rc: int = 2) -> str:
-    """The last stderr line, after checking the exit status and that no traceback was printed."""
-    assert result.returncode == rc, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result.stderr.strip().splitlines()[-1]
-
-
-def is_locked(path: Path) -> bool:
-    """Whether another process holds an flock on `path`."""
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def open_fds(pid: int) -> list[str]:
-    """The paths a process has open (Linux /proc)."""
-    fds = Path(f"/proc/{pid}/fd")
-    return [os.readlink(fd) for fd in fds.iterdir()] if fds.is_dir() else []
-
-
-def wait_for(condition, proc: subprocess.Popen | None = None, what: str = "") -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def stopped(proc: subprocess.Popen):
-    """SIGSTOP the job's process group (it keeps its locks), SIGCONT it afterwards."""
-    os.killpg(proc.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.killpg(proc.pid, signal.SIGCONT)
-
-
-@contextlib.contextmanager
-def stopped_with_workers(proc: subprocess.Popen):
-    """`stopped`, at a moment when the job has decode workers (none between two splits, or once it is done
-    listing): stop, look, go on and look again until the deadline. Yields the job's child processes."""
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        with stopped(proc):
-            children = psutil.Process(proc.pid).children(recursive=True)
-            if children:
-                yield children
-                return
-        if proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc {proc.returncode}) before a decode worker was seen")
-        assert time.monotonic() < deadline, "no decode worker seen"
-        time.sleep(0.05)
 
 
 def mount_tmpfs(folder: Path, options: str) -> bool:
@@ -254,8 +184,8 @@ def test_two_racing_jobs_one_is_refused_and_nothing_is_duplicated(tmp_path):
 @pytest.mark.job
 def test_other_shards_run_side_by_side_and_kill_9_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "out"
-    first = start_job(out, "shard.count=2", "shard.index=0", "batch_size=4", "num_workers=1", "rows_per_part=8")
-    wait_for(lambda: store.parts(store.split_dir(out, "train")), first, "shard 0 writes parts")
+    first = start_job_writing(out, "shard.count=2", "shard.index=0", "batch_size=4", "num_workers=1",
+                              "rows_per_part=8")
     with stopped_with_workers(first) as children:
         for child in children:  # a forked worker must not keep the lock alive after the job dies
             assert not [f for f in open_fds(child.pid) if Path(f).name.startswith(".lock")], child
@@ -456,8 +386,7 @@ def test_a_corrupt_part_on_resume_is_named_with_what_to_do(tmp_path, dataset):
 def test_interrupt_saves_rows_and_the_rerun_resumes(tmp_path, sig, to_group, rc):
     out = tmp_path / "out"
     args = ("splits=[train]", "batch_size=4", "rows_per_part=8", "num_workers=1")  # 100 images
-    job = start_job(out, *args)
-    wait_for(lambda: store.parts(store.split_dir(out, "train")), job, "the first part is written")
+    job = start_job_writing(out, *args)
     with stopped(job):  # the signal is delivered when it resumes, mid-job
         assert job.poll() is None
         if to_group:

@@ -87,6 +87,11 @@ def run(
     return results
 
 
+def decode_tasks(num_workers: int | str) -> int | None:
+    """The most decode tasks at once: `num_workers`, or None ('auto': as many as the free CPUs allow)."""
+    return None if num_workers == "auto" else int(num_workers)
+
+
 def check_workers(num_workers: int | str) -> None:
     """Refuse `num_workers=0` (UserError): a Ray job decodes in Ray tasks, at least one at a time."""
     if num_workers != "auto" and int(num_workers) < 1:
@@ -152,7 +157,7 @@ def build_dataset(
     """
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     table = pa.table({"path": [r.path for r in records], "label": [r.label for r in records]})
     step = _rows_per_task(len(records), job.batch_size, int(ray.cluster_resources().get("CPU", 1)))
@@ -160,7 +165,7 @@ def build_dataset(
     pixels = preprocess.height * preprocess.width * 3
     decoded = listing.map_batches(
         decode_batch, batch_size=job.batch_size, batch_format="numpy", num_cpus=1,
-        concurrency=None if job.num_workers == "auto" else int(job.num_workers),
+        compute=TaskPoolStrategy(size=decode_tasks(job.num_workers)),
         # Also keeps Ray from fusing the decode into the actors (it fuses equal resource requests only), which
         # would serialise decoding behind the model.
         memory=DECODE_BASE_MEMORY + DECODE_MEMORY_FACTOR * job.batch_size * pixels,

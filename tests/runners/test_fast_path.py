@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
+from helpers.jobs import runner_job
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines import store
 from pipelines.bench.flops import count_flops
 from pipelines.data import EncodedImageDataset, ImageFolderDataset, collate, collate_encoded, decode, list_split
 from pipelines.presets import SO400M_PREPROCESSOR, SO400M_VISION, build_so400m_random, build_tiny
-from pipelines.runner import embed_split, make_loader
+from pipelines.runners.local import embed_split, make_loader
 from pipelines.siglip import Preprocess, load_encoder
 
 
@@ -106,10 +107,11 @@ def test_device_decode_equals_the_workers_path(image_root):
 def test_job_with_device_decode_writes_the_same_embeddings(tmp_path, image_root):
     encoder = load_encoder("tiny", device="cpu", dtype="float32")
     records = list_split(image_root, "train")
-    settings = {"encoder": encoder, "root": image_root, "split": "train", "records": records, "batch_size": 3,
-                "num_workers": 1, "rows_per_part": 100, "prefix": "t", "progress": False}
-    worker_stats = embed_split(**settings, output_dir=tmp_path / "workers")
-    device_stats = embed_split(**settings, output_dir=tmp_path / "device", device_decode=True)
+    settings = {"batch_size": 3, "num_workers": 1, "rows_per_part": 100}
+    worker_stats = embed_split(encoder, runner_job(image_root, tmp_path / "workers", **settings), split="train",
+                               records=records, device_decode=False)
+    device_stats = embed_split(encoder, runner_job(image_root, tmp_path / "device", **settings), split="train",
+                               records=records, device_decode=True)
     assert worker_stats.embedded == device_stats.embedded == len(records)
     assert 0 < device_stats.first_batch_s <= device_stats.read_s <= device_stats.wall_s
     a, b = store.read_split(tmp_path / "workers", "train"), store.read_split(tmp_path / "device", "train")

@@ -18,22 +18,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import hostile_files
 import numpy as np
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from helpers import hostile_files
+from helpers.jobs import LOCAL_RAY, ray_embed_args, runner_job
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from pipelines import ray_runner, store
-from pipelines.config import REPO_ROOT, UserError
+from pipelines import store
+from pipelines.config import CONF_DIR, REPO_ROOT, UserError
 from pipelines.data import list_split
 from pipelines.embed import run_embed
+from pipelines.runners import ray as ray_runner
+from pipelines.siglip import EncoderSpec
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 SPLITS = ["train", "valid"]
-# Local Ray sized for a 2-core CI machine; quiet, and without the dashboard.
-LOCAL_RAY = {"num_cpus": 2, "object_store_memory": 200 * 2**20, "log_to_driver": False}
 JOB = {"model": "tiny", "device": "cpu", "batch_size": 16, "num_workers": 1, "progress": False}
 
 
@@ -98,8 +100,10 @@ def dataset_root(tmp_path_factory, photo_bytes) -> Path:
     return root
 
 
-def ray_runner_for_tests():
-    return functools.partial(ray_runner.embed_split, num_actors=1, num_gpus_per_actor=0, **LOCAL_RAY)
+def ray_runner_for_tests(**settings):
+    """conf/runner/ray.yaml's runner: one CPU actor, on the shared local Ray (LOCAL_RAY's size)."""
+    config = OmegaConf.load(Path(CONF_DIR) / "runner" / "ray.yaml")
+    return instantiate(config, _convert_="all", **{"num_actors": 1, "num_gpus_per_actor": 0, **LOCAL_RAY, **settings})
 
 
 def sorted_errors(output_dir: Path, split: str) -> list[dict[str, str]]:
@@ -112,9 +116,7 @@ def test_cli_starts_a_local_ray_and_stops_it(image_root, tmp_path):
     marker = short_tmpdir()
     env = {**os.environ, "RAY_TMPDIR": marker}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "pipelines.embed", "model=tiny", "device=cpu", "runner=ray", "runner.num_cpus=2",
-               f"runner.object_store_memory={LOCAL_RAY['object_store_memory']}", "runner.log_to_driver=false",
-               f"dataset.root={image_root}", f"output_dir={tmp_path / 'out'}", "progress=false"]
+    command = ray_embed_args(image_root, tmp_path / "out")
     try:
         done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=300)
@@ -137,9 +139,7 @@ def test_a_file_that_segfaults_the_decoder_is_an_error_record_on_ray(image_root,
     env = {**os.environ, "RAY_TMPDIR": marker,
            "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
     env.pop("RAY_ADDRESS", None)
-    command = [sys.executable, "-m", "pipelines.embed", "model=tiny", "device=cpu", "runner=ray", "runner.num_cpus=2",
-               f"runner.object_store_memory={LOCAL_RAY['object_store_memory']}", "runner.log_to_driver=false",
-               f"dataset.root={image_root}", f"output_dir={tmp_path / 'out'}", "progress=false"]
+    command = ray_embed_args(image_root, tmp_path / "out")
     try:
         done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=600)
@@ -156,10 +156,12 @@ def test_a_file_that_segfaults_the_decoder_is_an_error_record_on_ray(image_root,
 
 
 @pytest.mark.job
-def test_ray_writes_what_the_local_runner_writes(ray_cluster, dataset_root, tmp_path):
+def test_ray_writes_what_the_local_runner_writes(ray_cluster, dataset_root, tmp_path, monkeypatch):
     local = run_embed(root=dataset_root, splits=SPLITS, output_dir=tmp_path / "local", **JOB)
-    on_ray = run_embed(root=dataset_root, splits=SPLITS, output_dir=tmp_path / "ray", runner=ray_runner_for_tests(),
-                       **JOB)
+    with monkeypatch.context() as patch:  # the driver never loads weights; the actors (other processes) do
+        patch.setattr(EncoderSpec, "load", lambda spec: pytest.fail(f"the Ray driver loaded {spec}"))
+        on_ray = run_embed(root=dataset_root, splits=SPLITS, output_dir=tmp_path / "ray",
+                           runner=ray_runner_for_tests(), **JOB)
 
     assert on_ray["images"] == local["images"] > 300 and on_ray["errors"] == local["errors"] == 2
     assert json.loads((tmp_path / "ray" / store.MANIFEST).read_text()) == json.loads(
@@ -216,7 +218,22 @@ def test_actors_default_to_cpu_without_gpus_and_a_gpu_request_is_refused(ray_clu
         ray_runner.resolve_actors(num_actors=0, num_gpus_per_actor=0, num_cpus_per_actor=1)
 
 
-@pytest.mark.parametrize("choice, target", [(None, "pipelines.runner"), ("ray", "pipelines.ray_runner")])
+@pytest.mark.job
+def test_num_workers_caps_the_decode_tasks_and_0_is_refused(ray_cluster, tmp_path):
+    records = list_split(SAMPLE, "train")
+    for num_workers, tasks in (("auto", None), (3, 3)):
+        job = runner_job(SAMPLE, tmp_path, num_workers=num_workers)
+        embedded = ray_runner.build_dataset(records, job=job, preprocess=job.encoder.preprocess(),
+                                            metadata=job.encoder.metadata(), num_actors=1, num_gpus_per_actor=0,
+                                            num_cpus_per_actor=1)
+        decode = embedded._logical_plan.dag.input_dependencies[0]  # the stage before the actors'
+        assert decode.compute.size == tasks
+    with pytest.raises(UserError, match="^num_workers=0: runner=ray decodes in Ray tasks; expected auto or"):
+        ray_runner_for_tests()(runner_job(SAMPLE, tmp_path / "out", num_workers=0), {"train": records})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("choice, target", [(None, "pipelines.runners.local"), ("ray", "pipelines.runners.ray")])
 def test_runner_config_group_binds_plain_settings(compose_cfg, choice, target):
     cfg = compose_cfg("embed", [f"runner={choice}"] if choice else [])
     runner = instantiate(cfg.runner, _convert_="all")

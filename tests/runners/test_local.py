@@ -17,15 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import hostile_files
 import pytest
 import torch
+from helpers import hostile_files
 from helpers.images import SAMPLE
+from helpers.jobs import runner_job
 from torchvision.io import ImageReadMode, decode_image
 
 import pipelines.data
-from pipelines import runner, store
+from pipelines import store
 from pipelines.data import list_split
+from pipelines.runners import local
+from pipelines.runners.split import SplitStats
 from pipelines.siglip import load_encoder
 
 CRASH_REASON = "DecodeError: decoder crashed (signal 11)"
@@ -78,11 +81,10 @@ def crash_folder(root: Path) -> tuple[list[str], list[str]]:
     return sorted(good), sorted(crashing)
 
 
-def embed_train(encoder, root: Path, out: Path, **kwargs) -> runner.SplitStats:
-    settings = {"batch_size": 4, "num_workers": 1, "rows_per_part": 100, "prefix": "t", "progress": False,
-                **kwargs}
-    return runner.embed_split(encoder=encoder, root=root, split="train", records=list_split(root, "train"),
-                              output_dir=out, **settings)
+def embed_train(encoder, root: Path, out: Path, *, device_decode: bool = False, **kwargs) -> SplitStats:
+    job = runner_job(root, out, **{"batch_size": 4, "num_workers": 1, "rows_per_part": 100, **kwargs})
+    return local.embed_split(encoder, job, split="train", records=list_split(root, "train"),
+                             device_decode=device_decode)
 
 
 @pytest.mark.job
@@ -116,7 +118,7 @@ def test_workers_dying_without_a_culprit_end_with_one_line(encoder, tmp_path, mo
 
     monkeypatch.setattr(pipelines.data, "decode", killed_in_workers)
     crash_folder(tmp_path / "images")
-    with pytest.raises(runner.DecodeWorkersDiedError, match=r"died 3 times in a row and no file crashes"):
+    with pytest.raises(local.DecodeWorkersDiedError, match=r"died 3 times in a row and no file crashes"):
         embed_train(encoder, tmp_path / "images", tmp_path / "out")
     assert not store.read_errors(split_folder(tmp_path / "out", "train"))  # nothing innocent was recorded
 
@@ -132,7 +134,7 @@ def test_a_file_that_hangs_its_decoder_costs_only_itself(encoder, tmp_path, monk
 
     monkeypatch.setattr(pipelines.data, "decode", hangs_on_marked_files)
     # Generous against a loaded host: a tiny PNG decodes in milliseconds.
-    monkeypatch.setattr(runner, "HANG_TIMEOUT_S", 20.0)
+    monkeypatch.setattr(local, "HANG_TIMEOUT_S", 20.0)
     good, crashing = crash_folder(tmp_path / "images")
     for path in crashing:
         (tmp_path / "images" / path).unlink()
