@@ -49,6 +49,25 @@ class StaleIndexError(UserError):
     """A saved index was built from other embeddings (or another model) than those there now."""
 
 
+class ModelMismatchError(UserError):
+    """A query encoder (image or text) is not the model the stored embeddings were made with."""
+
+
+def check_same_model(stored: dict[str, Any], encoder: dict[str, Any], *, keys: tuple[str, ...]) -> None:
+    """Refuse a query encoder that differs from the stored embeddings' footer metadata on `keys`
+    (ModelMismatchError, one line naming each difference). A revision is compared only when both name one."""
+    diffs = []
+    for key in keys:
+        a, b = stored.get(key), encoder.get(key)
+        if key == "revision" and (a is None or b is None):
+            continue
+        if a != b:
+            diffs.append(f"{key}: {a!r} stored, {b!r} for the query")
+    if diffs:
+        raise ModelMismatchError(f"the query encoder is not the model of the stored embeddings ({'; '.join(diffs)}); "
+                                 f"use model.name_or_path={stored.get('model')} (the embeddings' model)")
+
+
 def import_faiss() -> Any:
     """The `faiss` module; UserError naming the extra when none, or several FAISS wheels, are installed."""
     from importlib import metadata

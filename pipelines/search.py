@@ -23,14 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines import index as ann
 from pipelines import store
 from pipelines.config import CONF_DIR, UserError, clean_errors
+from pipelines.index import ModelMismatchError, check_same_model  # noqa: F401 - the error of a query
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("table", "json")
-
-
-class ModelMismatchError(UserError):
-    """The query encoder is not the model the stored embeddings were made with."""
 
 
 def check_query(*, query: str | None, image: str | Path | None) -> str:
@@ -58,21 +55,6 @@ def read_image(path: str | Path, *, max_pixels: int | None) -> Any:
         raise UserError(f"image={path}: cannot read it ({exc.strerror or type(exc).__name__})") from exc
 
 
-def check_same_model(stored: dict[str, Any], encoder: dict[str, Any], *, keys: tuple[str, ...]) -> None:
-    """Refuse a query encoder that differs from the stored embeddings' footer metadata on `keys`
-    (ModelMismatchError, one line naming each difference). A revision is compared only when both name one."""
-    diffs = []
-    for key in keys:
-        a, b = stored.get(key), encoder.get(key)
-        if key == "revision" and (a is None or b is None):
-            continue
-        if a != b:
-            diffs.append(f"{key}: {a!r} stored, {b!r} for the query")
-    if diffs:
-        raise ModelMismatchError(f"the query encoder is not the model of the stored embeddings ({'; '.join(diffs)}); "
-                                 f"search with model.name_or_path={stored.get('model')} (the embeddings' model)")
-
-
 # The identity checked before the weights load (names only), and after (what the loaded encoder reports).
 NAME_KEYS = ("model", "revision")
 IMAGE_KEYS = ("model", "revision", "embedding_dim", "preprocess")
@@ -90,7 +72,7 @@ def embed_query(*, kind: str, query: str | None, pixels: Any, name_or_path: str,
         vector = encoder.embed_uint8(encoder.preprocess.resize(pixels).unsqueeze(0))
         meta = encoder.metadata()
     else:
-        from pipelines.siglip import load_text_encoder
+        from pipelines.text import load_text_encoder
 
         text = load_text_encoder(name_or_path, revision=revision, device=device, dtype=dtype)
         meta = text.metadata()

@@ -17,11 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
 
 from pipelines import store
+from pipelines.config import CONF_DIR, clean_errors
 from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -75,8 +78,11 @@ def logits(images: np.ndarray, classes: np.ndarray, *, logit_scale: float, logit
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """SigLIP's probability of each (image, class) pair, float32, without overflow."""
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+    """SigLIP's probability of each (image, class) pair, float32: 1 / (1 + exp(-x)), computed from exp(-|x|) so
+    that it neither overflows nor loses the small probabilities of negative logits."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
 def cache_metadata(text_meta: dict[str, Any], labels: list[str], names: list[str],
@@ -148,3 +154,168 @@ def output_location(embeddings_dir: Path, output_dir: str | Path | None) -> Path
         raise UserError(f"output_dir={output_dir}: lies inside embeddings_dir={embeddings_dir}, whose Parquet "
                         "readers would take class_embeddings.parquet for image embeddings; choose a folder outside it")
     return out
+
+
+def classify(images: np.ndarray, classes: np.ndarray, *, logit_scale: float, logit_bias: float,
+             chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """The 5 (or C) most probable classes of each image, int64 [N, 5] best first, and their probabilities
+    float32 [N, 5]; computed `chunk` images at a time (an [N, C] matrix is never held for large N)."""
+    top = min(5, len(classes))
+    ids, probs = [], []
+    for i in range(0, len(images), chunk):
+        z = logits(images[i:i + chunk], classes, logit_scale=logit_scale, logit_bias=logit_bias)
+        part = np.argpartition(-z, top - 1, axis=1)[:, :top] if top < z.shape[1] else np.tile(
+            np.arange(z.shape[1]), (len(z), 1))
+        order = np.argsort(-np.take_along_axis(z, part, axis=1), axis=1, kind="stable")
+        best = np.take_along_axis(part, order, axis=1)
+        ids.append(best.astype(np.int64))
+        probs.append(sigmoid(np.take_along_axis(z, best, axis=1)))
+    if not ids:
+        return np.zeros((0, top), np.int64), np.zeros((0, top), np.float32)
+    return np.concatenate(ids), np.concatenate(probs)
+
+
+def run_zeroshot(*, embeddings_dir: str | Path, query_split: str, class_names: str | Path | None,
+                 templates: list[str], name_or_path: str, revision: str | None, device: str, dtype: str,
+                 batch_size: int, output_dir: str | Path | None, dataset_root: str | Path | None,
+                 worst: int) -> dict[str, Any]:
+    """Classify `query_split`'s stored embeddings among its classes; write the report family; return the report."""
+    from pipelines import classnames
+    from pipelines.hub import check_model
+    from pipelines.index import check_same_model
+
+    start = time.perf_counter()
+    templates = check_templates(list(templates))
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise UserError(f"batch_size={batch_size!r}: expected a whole number of at least 1")
+    embeddings_dir = Path(embeddings_dir)
+    out = output_location(embeddings_dir, output_dir)
+    query = store.read_split(embeddings_dir, query_split)
+    labels = sorted(set(query.labels))
+    names_file = classnames.find_names_file(
+        class_names, [embeddings_dir, *([Path(dataset_root)] if dataset_root is not None else [])])
+    names = classnames.names_for(labels, names_file)
+    check_same_model(query.metadata, {"model": name_or_path, "revision": revision}, keys=("model", "revision"))
+    check_model(name_or_path, revision)  # a model not to be had: one line, before torch loads
+    read_s = time.perf_counter() - start
+    from pipelines.text import load_text_encoder
+
+    text = load_text_encoder(name_or_path, revision=revision, device=device, dtype=dtype)
+    check_same_model(query.metadata, text.metadata(), keys=("model", "revision", "embedding_dim"))
+    t0 = time.perf_counter()
+    classes, reused = class_embeddings(out / CLASS_EMBEDDINGS, text_meta=text.metadata(), labels=labels,
+                                       names=names, templates=templates,
+                                       embed=lambda texts: text.embed(texts).cpu().numpy(), batch_size=batch_size)
+    text_s = time.perf_counter() - t0
+    scale = float(np.exp(text.logit_scale))
+    t0 = time.perf_counter()
+    top, probs = classify(query.embeddings, classes, logit_scale=scale, logit_bias=text.logit_bias)
+    classify_s = time.perf_counter() - t0
+    truth = np.searchsorted(np.asarray(labels), np.asarray(query.labels))
+    return _report(out, query=query, labels=labels, names=names, truth=truth, top=top, probs=probs, worst=worst,
+                   info={"embeddings_dir": str(embeddings_dir), "query_split": query_split,
+                         "templates": templates, "class_names": str(names_file) if names_file else None,
+                         "model": query.metadata, "text_model": text.metadata(), "logit_scale": scale,
+                         "logit_bias": text.logit_bias,
+                         "class_embeddings": {"file": str(out / CLASS_EMBEDDINGS), "reused": reused}},
+                   seconds={"read": read_s, "text": text_s, "classify": classify_s}, start=start)
+
+
+def _report(out: Path, *, query: store.Split, labels: list[str], names: list[str], truth: np.ndarray,
+            top: np.ndarray, probs: np.ndarray, worst: int, info: dict[str, Any], seconds: dict[str, float],
+            start: float) -> dict[str, Any]:
+    """report.json, per_class.csv, predictions.parquet and per_class.png under `out`; the report."""
+    import pandas as pd
+
+    n_classes = len(labels)
+    hit1, hit5 = top[:, 0] == truth, (top == truth[:, None]).any(axis=1)
+    counts = np.bincount(truth, minlength=n_classes)
+    confusion = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(confusion, (truth, top[:, 0]), 1)
+    np.fill_diagonal(confusion, 0)
+    confused = confusion.argmax(axis=1)
+    seen = np.maximum(counts, 1)
+    table = pd.DataFrame({
+        "label": labels, "name": names, "n_query": counts,
+        "top1": np.bincount(truth[hit1], minlength=n_classes) / seen,
+        "top5": np.bincount(truth[hit5], minlength=n_classes) / seen,
+        "confused_with": [labels[j] if confusion[i, j] else "" for i, j in enumerate(confused)],
+        "confused_share": confusion[np.arange(n_classes), confused] / seen,
+    })
+    cls = np.asarray(labels, dtype=object)
+    predictions = pd.DataFrame({"path": query.paths, "label": query.labels, "prediction": cls[top[:, 0]],
+                                "probability": probs[:, 0], "top5": [list(r) for r in cls[top]],
+                                "top5_probabilities": list(probs)})
+    files = {"report": out / "report.json", "per_class": out / "per_class.csv",
+             "predictions": out / "predictions.parquet", "figure": out / "per_class.png"}
+    with store.writing(out, then="then rerun"):
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(files["per_class"], index=False)
+        predictions.to_parquet(files["predictions"], index=False)
+        _figure(table, worst=worst, title=(f"{Path(str(info['model']['model'])).name} zero-shot: {n_classes} "
+                                           f"classes, top-1 {100 * hit1.mean():.2f}%")).savefig(files["figure"], dpi=110)
+    report = {**info, "top1": float(hit1.mean()) if len(hit1) else 0.0,
+              "top5": float(hit5.mean()) if len(hit5) else 0.0, "num_classes": n_classes, "num_query": len(truth),
+              "seconds": {**{k: round(v, 3) for k, v in seconds.items()},
+                          "total": round(time.perf_counter() - start, 3)},
+              "files": {k: str(v) for k, v in files.items()}}
+    store.write_json(files["report"], report)
+    return report
+
+
+def _figure(table: Any, *, worst: int, title: str) -> Any:
+    """Histogram of per-class top-1 and the `worst` classes as bars (Agg, no pyplot)."""
+    from matplotlib.figure import Figure
+
+    shown = table.sort_values(["top1", "label"]).head(worst)
+    fig = Figure(figsize=(11, max(3.5, 0.25 * len(shown) + 1.2)), layout="constrained")
+    hist, bars = fig.subplots(1, 2, width_ratios=[1, 1.3])
+    hist.hist(table["top1"] * 100, bins=np.linspace(0, 100, 21), color="tab:green", edgecolor="white")
+    hist.set(xlabel="top-1 accuracy of a class (%)", ylabel="classes", title="per-class top-1")
+    bars.barh(range(len(shown)), shown["top1"] * 100, color="tab:orange")
+    bars.set_yticks(range(len(shown)), [f"{n[:28]} ({lab})" if n != lab else lab
+                                        for lab, n in zip(shown["label"], shown["name"], strict=True)], fontsize=8)
+    bars.invert_yaxis()
+    bars.set(xlim=(0, 100), xlabel="top-1 accuracy (%)", title=f"the {len(shown)} worst classes")
+    fig.suptitle(title)
+    return fig
+
+
+def format_report(report: dict[str, Any], table: Any, *, rows: int = 10) -> str:
+    """A few lines for the terminal: the settings, top-1/top-5 and the worst classes."""
+    t = report["templates"]
+    lines = [f"{report['embeddings_dir']}: {report['model']['model']} ({report['model']['embedding_dim']}-d), "
+             f"zero-shot over {report['num_classes']} classes, {report['query_split']} {report['num_query']}",
+             f"{len(t)} prompt template(s) ({t[0]!r}{', ...' if len(t) > 1 else ''}); class names from "
+             f"{report['class_names'] or 'the folder names'}; class embeddings "
+             f"{'reused' if report['class_embeddings']['reused'] else 'computed'}",
+             f"top-1 {100 * report['top1']:.2f}%   top-5 {100 * report['top5']:.2f}%   "
+             f"({report['seconds']['total']:.1f} s in all)",
+             "worst classes by top-1:",
+             f"  {'class':<40}{'top-1':>8}{'top-5':>8}  most often taken for"]
+    for row in table.sort_values(["top1", "label"]).head(rows).itertuples():
+        name = row.label if row.name == row.label else f"{row.label} {row.name}"
+        taken = f"{row.confused_with} ({100 * row.confused_share:.0f}%)" if row.confused_with else ""
+        lines.append(f"  {name[:40]:<40}{100 * row.top1:>7.1f}%{100 * row.top5:>7.1f}%  {taken}")
+    lines.append(f"report, per-class table, predictions, figure and class embeddings in "
+                 f"{Path(report['files']['report']).parent}/")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="zeroshot", version_base="1.3")
+@clean_errors(FileNotFoundError, PermissionError)
+def main(cfg: DictConfig) -> None:
+    import pandas as pd
+
+    root = None if OmegaConf.is_missing(cfg.dataset, "root") else cfg.dataset.root
+    report = run_zeroshot(
+        embeddings_dir=cfg.embeddings_dir, query_split=cfg.query_split, class_names=cfg.class_names,
+        templates=OmegaConf.to_container(cfg.templates), name_or_path=cfg.model.name_or_path,
+        revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+        output_dir=cfg.output_dir, dataset_root=root, worst=cfg.worst,
+    )
+    print(format_report(report, pd.read_csv(report["files"]["per_class"], keep_default_na=False)))
+
+
+if __name__ == "__main__":
+    main()

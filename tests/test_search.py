@@ -115,3 +115,23 @@ def test_cli_json_alone_on_stdout_and_errors_in_one_line(embedded, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: give exactly one of query=TEXT and image=FILE (both given), e.g. query='a dog on a sofa' or "
         "image=photo.jpg"]
+
+
+@pytest.mark.job
+def test_text_query_ranks_by_the_text_towers_cosine(embedded):
+    from pipelines.text import load_text_encoder
+
+    _, out = embedded
+    result = search(out, query="a photo of a bag", k=15)
+    text = load_text_encoder("tiny", revision=None, device="cpu", dtype="float32")
+    q = text.embed(["a photo of a bag"]).numpy()[0]
+    q /= np.linalg.norm(q)
+    want = {}
+    for split in ("train", "valid"):
+        s = store.read_split(out, split)
+        for path, e in zip(s.paths, s.embeddings, strict=True):
+            want[path] = float(e @ q / np.linalg.norm(e))
+    assert len(result["results"]) == 15 and result["query"] == {"text": "a photo of a bag"}
+    for r in result["results"]:
+        assert r["score"] == pytest.approx(want[r["path"]], abs=1e-4)
+    assert [r["path"] for r in result["results"]] == sorted(want, key=lambda p: -want[p])

@@ -42,8 +42,9 @@ def test_logits_and_probabilities_are_siglips():
     assert (logits.argmax(axis=1) == cos.argmax(axis=1)).all()
     with np.errstate(over="ignore"):
         np.testing.assert_allclose(zeroshot.sigmoid(logits), 1 / (1 + np.exp(-logits.astype(np.float64))),
-                                   rtol=1e-5, atol=1e-7)
+                                   rtol=1e-6, atol=1e-37)  # float32 ends near 1e-38
     assert zeroshot.sigmoid(np.array([-1e4, 0, 1e4], np.float32)).tolist() == [0.0, 0.5, 1.0]
+    assert zeroshot.sigmoid(np.array([-30.0]))[0] == pytest.approx(np.exp(-30.0), rel=1e-6)
 
 
 def test_templates_need_one_placeholder():
@@ -101,3 +102,103 @@ def test_class_names_from_synset_mapping_tab_file_and_folders(tmp_path):
     (tmp_path / "bad.txt").write_text("n01440764\n")
     with pytest.raises(UserError, match="bad.txt:1"):
         classnames.read_names(tmp_path / "bad.txt")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """Three classes x (2 train + 3 valid) of data/sample, embedded with the tiny model."""
+    import shutil
+
+    from pipelines.embed import run_embed
+
+    from helpers.images import SAMPLE
+
+    root = tmp_path_factory.mktemp("data")
+    for split, n in (("train", 2), ("valid", 3)):
+        for label in ("ankle_boot", "bag", "trouser"):
+            (root / split / label).mkdir(parents=True)
+            for src in sorted((SAMPLE / split / label).iterdir())[:n]:
+                shutil.copy(src, root / split / label / src.name)
+    out = tmp_path_factory.mktemp("emb") / "sample-tiny"
+    run_embed(root=root, splits=["train", "valid"], output_dir=out, model="tiny", device="cpu", num_workers=0,
+              batch_size=8, progress=False)
+    return root, out
+
+
+def run(out, **kw):
+    args = dict(embeddings_dir=out, query_split="valid", class_names=None, templates=["a photo of a {}."],
+                name_or_path="tiny", revision=None, device="cpu", dtype="float32", batch_size=4, output_dir=None,
+                dataset_root=None, worst=5)
+    return zeroshot.run_zeroshot(**{**args, **kw})
+
+
+@pytest.mark.job
+def test_zeroshot_equals_siglip_computed_here_and_reuses_class_embeddings(embedded, caplog):
+    import pandas as pd
+
+    from pipelines import store
+    from pipelines.text import load_text_encoder
+
+    _, out = embedded
+    templates = ["a photo of a {}.", "a blurry photo of the {}."]
+    report = run(out, templates=templates)
+    folder = out.parent / "sample-tiny-zeroshot"
+    assert report["files"]["report"] == str(folder / "report.json") and not report["class_embeddings"]["reused"]
+    # the same numbers from the text tower and the stored image embeddings, computed here
+    text = load_text_encoder("tiny", revision=None, device="cpu", dtype="float32")
+    names = ["ankle boot", "bag", "trouser"]
+    per_template = [text.embed([t.format(n) for n in names]).numpy().astype(np.float64) for t in templates]
+    mean = sum(e / np.linalg.norm(e, axis=1, keepdims=True) for e in per_template) / 2
+    classes = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    valid = store.read_split(out, "valid")
+    images = valid.embeddings / np.linalg.norm(valid.embeddings, axis=1, keepdims=True)
+    logits = images @ classes.T * np.exp(text.logit_scale) + text.logit_bias
+    truth = np.searchsorted(["ankle_boot", "bag", "trouser"], valid.labels)
+    assert report["top1"] == np.mean(logits.argmax(axis=1) == truth) and report["num_query"] == 9
+    assert report["logit_scale"] == pytest.approx(np.exp(text.logit_scale))
+    predictions = pd.read_parquet(folder / "predictions.parquet")
+    np.testing.assert_allclose(predictions["probability"], 1 / (1 + np.exp(-logits.max(axis=1))), rtol=1e-5)
+    assert {"report.json", "per_class.csv", "predictions.parquet", "per_class.png",
+            zeroshot.CLASS_EMBEDDINGS} <= {p.name for p in folder.iterdir()}
+    saved = pd.read_parquet(folder / zeroshot.CLASS_EMBEDDINGS)
+    assert saved["name"].tolist() == names
+    np.testing.assert_allclose(np.stack(saved["embedding"]), classes, atol=1e-5)
+
+    again = run(out, templates=templates)
+    assert again["class_embeddings"]["reused"] and again["top1"] == report["top1"]
+    other = run(out, templates=templates[:1])
+    assert not other["class_embeddings"]["reused"]
+
+
+@pytest.mark.job
+def test_names_file_and_errors(embedded, tmp_path, tiny_vision_checkpoint):
+    root, out = embedded
+    names = tmp_path / "names.tsv"
+    names.write_text("ankle_boot\tboot\nbag\thandbag\n")
+    report = run(out, class_names=names, output_dir=tmp_path / "z")
+    table = (tmp_path / "z" / "per_class.csv").read_text()
+    assert report["class_names"] == str(names) and "boot" in table and "handbag" in table and "trouser" in table
+    with pytest.raises(UserError, match="inside embeddings_dir"):
+        run(out, output_dir=out / "z")
+    with pytest.raises(UserError, match="model: 'tiny' stored"):
+        run(out, name_or_path=str(tiny_vision_checkpoint))
+    with pytest.raises(UserError, match="exactly one"):
+        run(out, templates=["a photo"])
+
+
+@pytest.mark.job
+def test_cli_prints_the_table(embedded, tmp_path):
+    import subprocess
+    import sys
+
+    from pipelines.config import REPO_ROOT
+
+    _, out = embedded
+    run_ = subprocess.run([sys.executable, "-m", "pipelines.zeroshot", "model=tiny", f"embeddings_dir={out}",
+                           "device=cpu", f"output_dir={tmp_path}/z"], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=300)
+    assert run_.returncode == 0, run_.stderr
+    assert "zero-shot over 3 classes, valid 9" in run_.stdout and "top-1 " in run_.stdout
+    bad = subprocess.run([sys.executable, "-m", "pipelines.zeroshot", "model=tiny", f"embeddings_dir={out}",
+                          "query_split=test"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "split=test" in bad.stderr
