@@ -80,6 +80,7 @@ def test_the_server_listens_on_this_machine_only_by_default(tmp_path, compose_cf
         assert f"{flag}=127.0.0.1" in command
     # Model control is on (the launcher reloads crashed models) and answers only requests with the token.
     assert "--model-control-mode=explicit" in command
+    assert [a for a in command if a.startswith("--load-model=")] == [f"--load-model={m}" for m in names.MODELS]
     restricted = f"model-repository:{process.CONTROL_HEADER}={server.control_token}"
     assert f"--http-restricted-api={restricted}" in command and f"--grpc-restricted-protocol={restricted}" in command
     assert len(server.control_token) >= 32 and server.control_token != process.prepare_server(
@@ -150,7 +151,7 @@ def test_launcher_stops_the_server_and_leaves_nothing(tmp_path, tiny_checkpoint,
         processes = session_processes(launched.server_pid)
         assert launched.server_pid in processes and len(processes) >= 3  # tritonserver and one stub per model
         regions = [Path("/dev/shm") / stub.shm_region for stub in watchdog.list_stubs(launched.server_pid)]
-        assert len(regions) == 2 and all(region.exists() for region in regions)
+        assert len(regions) == len(names.MODELS) and all(region.exists() for region in regions)
         assert requests.get(f"http://localhost:{launched.http_port}/v2/health/ready").status_code == 200
     finally:
         code = launched.stop(sig)

@@ -18,13 +18,17 @@ from pipelines.siglip import SO400M_PREPROCESSOR, Preprocess
 SERVING = REPO_ROOT / "serving"
 
 
-@pytest.mark.parametrize("model", names.MODELS)
+# The image models' inputs (each other model's own test file checks its config the same way).
+IMAGE_INPUTS = {names.SIGLIP: (names.PIXEL_VALUES, "TYPE_FP32", [3, 384, 384]),
+                names.EMBED_IMAGE: (names.IMAGE, "TYPE_STRING", [1])}
+
+
+@pytest.mark.parametrize("model", IMAGE_INPUTS)
 def test_config_agrees_with_names(model):
     config = repository.read_config(SERVING / model / "config.pbtxt")
     assert config.name == model and config.backend == "python"
     [tensor_in], [tensor_out] = config.input, config.output  # the seed's clients read outputs[0]
-    expected_in = {names.SIGLIP: (names.PIXEL_VALUES, "TYPE_FP32", [3, 384, 384]),
-                   names.EMBED_IMAGE: (names.IMAGE, "TYPE_STRING", [1])}[model]
+    expected_in = IMAGE_INPUTS[model]
     assert (tensor_in.name, model_config_pb2.DataType.Name(tensor_in.data_type), list(tensor_in.dims)) == expected_in
     assert model_config_pb2.DataType.Name(tensor_out.data_type) == "TYPE_FP32"
     assert tensor_out.name == names.EMBEDDING and list(tensor_out.dims) == [-1]
@@ -33,8 +37,16 @@ def test_config_agrees_with_names(model):
     assert (SERVING / model / "1" / "model.py").is_file()
 
 
+def test_the_launcher_serves_every_model_of_the_repository():
+    # names.MODELS is the one list the launcher renders, loads and watches: a model folder left out of it would
+    # be copied but never loaded.
+    assert sorted(names.MODELS) == sorted(path.parent.name for path in SERVING.glob("*/config.pbtxt"))
+    assert len(set(names.MODELS)) == len(names.MODELS)
+
+
 def test_embed_image_batches_fit_siglip():
-    siglip, embed_image = (repository.read_config(SERVING / m / "config.pbtxt") for m in names.MODELS)
+    siglip = repository.read_config(SERVING / names.SIGLIP / "config.pbtxt")
+    embed_image = repository.read_config(SERVING / names.EMBED_IMAGE / "config.pbtxt")
     assert embed_image.max_batch_size <= siglip.max_batch_size  # one BLS request per execute() must fit
     assert {names.PARAM_DTYPE, names.PARAM_DEVICE, names.PARAM_THREADS} <= set(siglip.parameters)
 

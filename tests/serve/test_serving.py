@@ -82,7 +82,7 @@ def test_server_is_ready_with_both_models(server, tiny_checkpoint):
     token = server_token(server)
     index = requests.post(f"http://localhost:{server.http_port}/v2/repository/index",
                           headers={process.CONTROL_HEADER: token}).json()
-    assert {(m["name"], m["state"]) for m in index} == {(names.SIGLIP, "READY"), (names.EMBED_IMAGE, "READY")}
+    assert {(m["name"], m["state"]) for m in index} == {(model, "READY") for model in names.MODELS}
     config = requests.get(f"{server.base_url}/{names.SIGLIP}/config").json()
     assert config["parameters"][names.PARAM_MODEL]["string_value"] == str(tiny_checkpoint)
     assert config["max_batch_size"] == 16 and config["instance_group"][0]["kind"] == "KIND_CPU"
