@@ -26,6 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+from pipelines.errors import UserError
 from pipelines.siglip import Preprocess
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class ImageRecord:
     label: str
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError):
     """The bytes are not an image that can be decoded (the message is the reason, one line)."""
 
 
@@ -175,7 +176,7 @@ def shard_of(path: str, count: int) -> int:
 def take_shard(records: list[ImageRecord], *, index: int, count: int) -> list[ImageRecord]:
     """The records of shard `index` of `count` (0-based)."""
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard.index={index}, shard.count={count}: need 0 <= index < count")
+        raise UserError(f"shard.index={index}, shard.count={count}: need 0 <= index < count")
     if count == 1:
         return list(records)
     return [r for r in records if shard_of(r.path, count) == index]
@@ -422,10 +423,6 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         return Batch(self.indices, self.pixels.pin_memory(), self.failed)
-
-    def decoded(self, preprocess: Preprocess, device: torch.device) -> Batch:
-        """Already decoded and resized by the workers: itself (the runner copies the pixels to the device)."""
-        return self
 
 
 def collate(items: list[dict[str, Any]]) -> Batch:

@@ -253,7 +253,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="embed", version_base="1.3")
-@clean_errors("pipelines.siglip:WeightsUnavailableError", FileNotFoundError, PermissionError)
+@clean_errors(FileNotFoundError, PermissionError)  # and every UserError (WeightsUnavailableError is one)
 def main(cfg: DictConfig) -> None:
     check_model(cfg.model.name_or_path, cfg.model.revision)  # a model not to be had: now, before torch imports
     summary = run_embed(

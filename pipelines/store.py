@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import UserError
+from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ OWN_FOLDERS = {
 }
 
 
-class StoreMismatchError(UserError, ValueError):
+class StoreMismatchError(UserError):
     """The output directory holds embeddings made with other settings."""
 
 
