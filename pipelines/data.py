@@ -17,7 +17,7 @@ import warnings
 import zlib
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +71,16 @@ class Listing:
     empty_classes: list[str]
     skipped_dirs: list[str]
     invalid_names: list[ImageRecord] = field(default_factory=list)
+
+    def shard(self, *, index: int, count: int) -> Listing:
+        """This shard's records and invalid names (`take_shard`); the notes as they are."""
+        return replace(self, records=take_shard(self.records, index=index, count=count),
+                       invalid_names=take_shard(self.invalid_names, index=index, count=count))
+
+    def notes(self) -> dict[str, list[str]]:
+        """What the listing found besides the records, for the summary (invalid names as their paths)."""
+        return {"stray_files": list(self.stray_files), "empty_classes": list(self.empty_classes),
+                "skipped_dirs": list(self.skipped_dirs), "invalid_names": [r.path for r in self.invalid_names]}
 
 
 def scan_split(root: str | Path, split: str) -> Listing:

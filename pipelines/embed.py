@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,47 +21,13 @@ from pipelines import store
 from pipelines.config import CONF_DIR, Interrupted, clean_errors
 from pipelines.hub import check_model
 from pipelines.runners.settings import check_device, check_settings
+from pipelines.runners.summary import format_summary, save_summary, summarize
 
 if TYPE_CHECKING:
-    from pipelines.data import ImageRecord
-    from pipelines.runners.split import Job, Runner, SplitStats
+    from pipelines.data import Listing
+    from pipelines.runners.split import Job, Runner
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class Listed:
-    """One split's files of this shard, and what its listing found besides them (reported, not embedded)."""
-
-    records: list[ImageRecord]
-    stray_files: list[str] = field(default_factory=list)
-    empty_classes: list[str] = field(default_factory=list)
-    skipped_dirs: list[str] = field(default_factory=list)
-    invalid_names: list[ImageRecord] = field(default_factory=list)  # recorded as errors, never read
-
-    def notes(self) -> dict[str, list[str]]:
-        return {"stray_files": self.stray_files, "empty_classes": self.empty_classes,
-                "skipped_dirs": self.skipped_dirs, "invalid_names": [r.path for r in self.invalid_names]}
-
-
-def list_files(root: Path, split: str, *, shard_index: int, shard_count: int) -> Listed:
-    """The split's files of this shard, and what `pipelines.data.scan_split` found besides them."""
-    from pipelines import data
-
-    listing = data.scan_split(root, split)
-    return Listed(  # the listing has logged its notes
-        data.take_shard(listing.records, index=shard_index, count=shard_count),
-        list(listing.stray_files), list(listing.empty_classes), list(listing.skipped_dirs),
-        data.take_shard(listing.invalid_names, index=shard_index, count=shard_count),
-    )
-
-
-# How the summary table words each listing note.
-NOTES = {"stray_files": "file(s) outside any class folder, not embedded",
-         "empty_classes": "empty class folder(s)",
-         "skipped_dirs": "folder(s) reached twice (symlink loop or duplicate link), walked once",
-         "invalid_names": "name(s) not valid UTF-8, recorded as errors (rename them to embed them)"}
-INVALID_NAME = "file name is not valid UTF-8 (Parquet and JSON cannot hold it): rename the file to embed it"
-
 
 # conf/embed.yaml's job settings, passed through by `main`; the file is their one source of defaults.
 SETTINGS = ("device", "dtype", "batch_size", "compile", "num_workers", "rows_per_part", "overwrite", "progress",
@@ -132,7 +97,10 @@ def _run_locked(job: Job, *, splits: list[str], runner: Runner, overwrite: bool,
     store.check_layout(output_dir)  # again under the lock: a conversion may have run in between
     if overwrite:
         store.clear_output(output_dir, protected=[root])  # checked again under the lock
-    listings = {split: list_files(root, split, shard_index=shard_index, shard_count=shard_count) for split in splits}
+    from pipelines.data import scan_split
+
+    # Each listing logs its notes (stray files, empty classes, ...); the summary keeps them.
+    listings = {split: scan_split(root, split).shard(index=shard_index, count=shard_count) for split in splits}
     # The checkpoint's identity from its config files: the weights load where the runner computes.
     metadata = job.encoder.metadata()
     # The root is recorded for readers (validate, notebooks) that look for the images; it is not an identity key.
@@ -152,36 +120,27 @@ def _run_locked(job: Job, *, splits: list[str], runner: Runner, overwrite: bool,
         raise Interrupted(signal.SIGTERM, _saved_message(output_dir, before, job.prefix)) from None
 
 
-def _embed_splits(listings: dict[str, Listed], *, job: Job, metadata: dict[str, Any], runner: Runner,
+def _embed_splits(listings: dict[str, Listing], *, job: Job, metadata: dict[str, Any], runner: Runner,
                   shard_index: int, shard_count: int) -> dict[str, Any]:
     """Run the runner over the splits, then write and return the summary."""
     from pipelines.runners.local import default_workers
+    from pipelines.runners.split import record_invalid_names
 
     start = time.perf_counter()
-    recorded = {split: _record_invalid_names(store.split_dir(job.output_dir, split), listed.invalid_names)
+    recorded = {split: record_invalid_names(store.split_dir(job.output_dir, split), listed.invalid_names)
                 for split, listed in listings.items()}
     results = runner(job, {split: listed.records for split, listed in listings.items()})
     for stats in results:
         stats.errors += recorded[stats.split]
-    summary = _summary(results, time.perf_counter() - start, metadata, job.output_dir,
+    summary = summarize(results, time.perf_counter() - start, metadata, job.output_dir,
                        dataset_root=str(job.root.resolve()), splits=list(listings),
                        runner=getattr(runner, "func", runner).__module__, shard_index=shard_index,
                        shard_count=shard_count,
                        num_workers=default_workers() if job.num_workers == "auto" else int(job.num_workers),
                        batch_size=job.batch_size, compile=job.compile)
     summary["listing"] = {split: listed.notes() for split, listed in listings.items()}
-    _save_summary(store.summary_path(job.output_dir, shard_index=shard_index, shard_count=shard_count), summary)
+    save_summary(store.summary_path(job.output_dir, shard_index=shard_index, shard_count=shard_count), summary)
     return summary
-
-
-def _record_invalid_names(split_dir: Path, invalid: list[ImageRecord]) -> int:
-    """Add the files whose names cannot be stored to the split's errors file (once); returns how many were new."""
-    if not invalid:
-        return 0
-    known = {e["path"] for e in store.read_errors(split_dir)}
-    new = [{"path": r.path, "label": r.label, "error": INVALID_NAME} for r in invalid if r.path not in known]
-    store.append_errors(split_dir, new)
-    return len(new)
 
 
 def _part_names(split_dir: Path, prefix: str) -> set[str]:
@@ -196,60 +155,6 @@ def _saved_message(output_dir: Path, before: dict[str, set[str]], prefix: str) -
         saved += store.rows_in(folder, _part_names(folder, prefix) - names)
     return (f"{saved} newly embedded rows saved in {output_dir}; rerun the same command to resume "
             "(nothing is embedded twice)")
-
-
-def _save_summary(path: Path, summary: dict[str, Any]) -> None:
-    """Write the summary, except for a run that found nothing left to do: the last real run's summary stays."""
-    if summary["images"] == 0 and summary["errors"] == 0 and path.exists():
-        log.info("nothing left to do (%d images already done); %s keeps the last run's summary",
-                 summary["already_done"], path)
-        return
-    store.write_json(path, summary)
-
-
-def _summary(results: list[SplitStats], wall_s: float, metadata: dict[str, Any], output_dir: Path,
-             **settings: Any) -> dict[str, Any]:
-    embedded = sum(r.embedded for r in results)
-    return {
-        "output_dir": str(output_dir),
-        "model": metadata,
-        "settings": settings,
-        "images": embedded,
-        "errors": sum(r.errors for r in results),
-        "already_done": sum(r.already_done for r in results),
-        "wall_s": round(wall_s, 3),
-        "images_per_s": round(embedded / wall_s, 2) if wall_s > 0 else 0.0,
-        "read_s": round(sum(r.read_s for r in results), 3),
-        "model_s": round(sum(r.model_s for r in results), 3),
-        "write_s": round(sum(r.write_s for r in results), 3),
-        "splits": [r.to_dict() for r in results],
-    }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A few lines for the terminal."""
-    lines = [f"{'split':<10}{'listed':>8}{'done before':>13}{'embedded':>10}{'errors':>8}{'img/s':>10}"]
-    for s in summary["splits"]:
-        lines.append(f"{s['split']:<10}{s['listed']:>8}{s['already_done']:>13}{s['embedded']:>10}"
-                     f"{s['errors']:>8}{s['images_per_s']:>10.1f}")
-    if summary["images"] == 0 and summary["errors"] == 0:
-        lines.append(f"nothing left to do: all {summary['already_done']} images were done before -> "
-                     f"{summary['output_dir']}")
-    else:
-        lines.append(
-            f"{summary['images']} images embedded, {summary['errors']} errors, {summary['images_per_s']:.1f} img/s "
-            f"in {summary['wall_s']:.1f} s (waiting on reads {summary['read_s']:.1f} s, model "
-            f"{summary['model_s']:.1f} s, writing {summary['write_s']:.1f} s in background) -> {summary['output_dir']}"
-        )
-    if summary["errors"]:
-        lines.append(f"undecodable files are listed in {store.split_dir(summary['output_dir'], '<split>')}/"
-                     f"{store.ERRORS}")
-    for split, notes in summary.get("listing", {}).items():
-        for what, items in notes.items():
-            if items:
-                shown = ", ".join(items[:3]) + (", ..." if len(items) > 3 else "")
-                lines.append(f"{split}: {len(items)} {NOTES.get(what, what)}: {shown}")
-    return "\n".join(lines)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="embed", version_base="1.3")

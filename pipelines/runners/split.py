@@ -43,6 +43,9 @@ class Job:
     compile: bool
 
 
+INVALID_NAME = "file name is not valid UTF-8 (Parquet and JSON cannot hold it): rename the file to embed it"
+
+
 class Runner(Protocol):
     """A runner embeds each split's records not yet in `job.output_dir` and returns each split's stats."""
 
@@ -112,3 +115,13 @@ def record_errors(split_dir: Path, failures: Iterable[tuple[str, str, str]], sta
         errors.append({"path": path, "label": label, "error": reason})
     store.append_errors(split_dir, errors)
     stats.errors += len(errors)
+
+
+def record_invalid_names(split_dir: Path, invalid: list[ImageRecord]) -> int:
+    """Add the files whose names cannot be stored to the split's errors file (once); returns how many were new."""
+    if not invalid:
+        return 0
+    known = {e["path"] for e in store.read_errors(split_dir)}
+    new = [{"path": r.path, "label": r.label, "error": INVALID_NAME} for r in invalid if r.path not in known]
+    store.append_errors(split_dir, new)
+    return len(new)
