@@ -230,6 +230,12 @@ def read_rows(source: Source) -> Rows:
 # ------------------------------------------------------------------------------------------------------ building
 
 
+def check_kind(kind: str) -> None:
+    """Refuse an index kind that is none of KINDS (UserError)."""
+    if kind not in KINDS:
+        raise UserError(f"index={kind!r}: expected one of {', '.join(KINDS)}")
+
+
 def choose_kind(kind: str, rows: int, *, exact_below: int, hnsw_below: int) -> str:
     """The index kind for `rows` vectors: `exact`, `ivf` or `hnsw` as asked; `auto` by size.
 
@@ -238,8 +244,7 @@ def choose_kind(kind: str, rows: int, *, exact_below: int, hnsw_below: int) -> s
     build cost grows fastest and it stays on the CPU); more -> ivf (built in two BLAS-bound passes, trains on a
     sample, runs on GPU FAISS too).
     """
-    if kind not in KINDS:
-        raise UserError(f"index={kind!r}: expected one of {', '.join(KINDS)}")
+    check_kind(kind)
     if kind != "auto":
         return kind
     return "exact" if rows < exact_below else "hnsw" if rows < hnsw_below else "ivf"
@@ -433,6 +438,7 @@ class SearchIndex:
     info: dict[str, Any]
     source: Source
     loaded: bool  # read from disk (True) or built in this process (False)
+    path: Path | None = None  # the saved index file (None for exact)
 
     def search(self, queries: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 [q, D] queries (normalised here) -> cosine scores float32 [q, k'] and row ids int64 [q, k'],
@@ -449,7 +455,9 @@ def open_index(source: Source, *, kind: str, rebuild: bool, folder: str | Path |
     kind = choose_kind(kind, source.rows, exact_below=int(options["exact_below"]),
                        hnsw_below=int(options["hnsw_below"]))
     gpu = use_gpu(device)
-    vectors = lambda: iter_vectors(source)  # noqa: E731 - one pass over the parts per call
+    def vectors() -> Iterator[np.ndarray]:  # one pass over the parts per call
+        return iter_vectors(source)
+
     if kind == "exact":
         start = time.perf_counter()
         index = build_index("exact", vectors, rows=source.rows, dim=source.dim, gpu=gpu, options=options)
@@ -464,13 +472,13 @@ def open_index(source: Source, *, kind: str, rebuild: bool, folder: str | Path |
             index, info = saved
             _apply_search_settings(index, kind, options)
             log.info("loaded %s (%d rows)", paths[0], index.ntotal)
-            return SearchIndex(to_device(index, gpu=gpu), kind, info, source, loaded=True)
+            return SearchIndex(to_device(index, gpu=gpu), kind, info, source, loaded=True, path=paths[0])
     start = time.perf_counter()
     index = build_index(kind, vectors, rows=source.rows, dim=source.dim, gpu=gpu, options=options)
     info = describe(source, kind, index, options, time.perf_counter() - start)
     save_index(index, info, paths)
     log.info("saved %s", paths[0])
-    return SearchIndex(index, kind, info, source, loaded=False)
+    return SearchIndex(index, kind, info, source, loaded=False, path=paths[0])
 
 
 def _apply_search_settings(index: Any, kind: str, options: dict[str, Any]) -> None:

@@ -98,7 +98,7 @@ def run_search(*, embeddings_dir: str | Path, splits: list[str] | None, query: s
     kind = check_query(query=query, image=image)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise UserError(f"k={k!r}: expected a whole number of at least 1")
-    ann.choose_kind(index, 0, exact_below=0, hnsw_below=0)  # the name, before anything loads
+    ann.check_kind(index)
     pixels = read_image(image, max_pixels=max_image_pixels) if kind == "image" else None
     source = ann.open_source(embeddings_dir, splits)
     check_same_model(source.metadata, {"model": name_or_path, "revision": revision}, keys=NAME_KEYS)
@@ -126,9 +126,7 @@ def run_search(*, embeddings_dir: str | Path, splits: list[str] | None, query: s
         "rows": source.rows,
         "model": source.metadata.get("model"),
         "index": {"kind": searcher.kind, "loaded": searcher.loaded, "settings": searcher.info["settings"],
-                  "file": str(ann.index_paths(Path(index_dir) if index_dir else ann.index_dir(embeddings_dir),
-                                              source.splits, searcher.kind)[0])
-                  if searcher.kind != "exact" else None},
+                  "file": str(searcher.path) if searcher.path else None},
         "k": k,
         "results": results,
         "seconds": {"query": round(embedded_s, 3), "search": round(search_s, 4),
@@ -142,11 +140,11 @@ def format_table(result: dict[str, Any]) -> str:
     what = f"text {q['text']!r}" if "text" in q else f"image {q['image']}"
     idx = result["index"]
     settings = ", ".join(f"{k} {v}" for k, v in idx["settings"].items())
-    lines = [f"{what} in {result['embeddings_dir']} ({'+'.join(result['splits'])}, {result['rows']} rows, "
-             f"{result['model']})",
-             f"index {idx['kind']}{f' ({settings})' if settings else ''}"
+    lines = [(f"{what} in {result['embeddings_dir']} ({'+'.join(result['splits'])}, {result['rows']} rows, "
+             f"{result['model']})"),
+             (f"index {idx['kind']}{f' ({settings})' if settings else ''}"
              f"{', loaded from ' + idx['file'] if idx['loaded'] else ''}; "
-             f"search {1000 * result['seconds']['search']:.1f} ms, {result['seconds']['total']:.1f} s in all",
+             f"search {1000 * result['seconds']['search']:.1f} ms, {result['seconds']['total']:.1f} s in all"),
              f"{'rank':>4}  {'score':>8}  {'split':<8}{'label':<16}path"]
     for r in result["results"]:
         lines.append(f"{r['rank']:>4}  {r['score']:>8.4f}  {r['split']:<8}{r['label'][:15]:<16}{r['path']}")

@@ -284,13 +284,13 @@ def _figure(table: Any, *, worst: int, title: str) -> Any:
 def format_report(report: dict[str, Any], table: Any, *, rows: int = 10) -> str:
     """A few lines for the terminal: the settings, top-1/top-5 and the worst classes."""
     t = report["templates"]
-    lines = [f"{report['embeddings_dir']}: {report['model']['model']} ({report['model']['embedding_dim']}-d), "
-             f"zero-shot over {report['num_classes']} classes, {report['query_split']} {report['num_query']}",
-             f"{len(t)} prompt template(s) ({t[0]!r}{', ...' if len(t) > 1 else ''}); class names from "
+    lines = [(f"{report['embeddings_dir']}: {report['model']['model']} ({report['model']['embedding_dim']}-d), "
+             f"zero-shot over {report['num_classes']} classes, {report['query_split']} {report['num_query']}"),
+             (f"{len(t)} prompt template(s) ({t[0]!r}{', ...' if len(t) > 1 else ''}); class names from "
              f"{report['class_names'] or 'the folder names'}; class embeddings "
-             f"{'reused' if report['class_embeddings']['reused'] else 'computed'}",
-             f"top-1 {100 * report['top1']:.2f}%   top-5 {100 * report['top5']:.2f}%   "
-             f"({report['seconds']['total']:.1f} s in all)",
+             f"{'reused' if report['class_embeddings']['reused'] else 'computed'}"),
+             (f"top-1 {100 * report['top1']:.2f}%   top-5 {100 * report['top5']:.2f}%   "
+             f"({report['seconds']['total']:.1f} s in all)"),
              "worst classes by top-1:",
              f"  {'class':<40}{'top-1':>8}{'top-5':>8}  most often taken for"]
     for row in table.sort_values(["top1", "label"]).head(rows).itertuples():

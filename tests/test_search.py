@@ -10,13 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+from helpers.images import SAMPLE
 
 from pipelines import store
 from pipelines.config import REPO_ROOT, UserError
 from pipelines.embed import run_embed
 from pipelines.search import ModelMismatchError, check_query, run_search
-
-from helpers.images import SAMPLE
 
 ANN = {"exact_below": 50000, "hnsw_below": 1000000, "ivf_nlist": "auto", "ivf_nprobe": 32,
        "ivf_train_rows": "auto", "hnsw_m": 32, "hnsw_ef_construction": 80, "hnsw_ef_search": 128, "seed": 0}
@@ -38,16 +37,16 @@ def embedded(tmp_path_factory):
 
 
 def search(out, **kw):
-    args = dict(embeddings_dir=out, splits=None, query=None, image=None, k=5, index="exact", rebuild=False,
-                index_dir=None, name_or_path="tiny", revision=None, device="cpu", dtype="float32",
-                max_image_pixels=89478485, ann_options=ANN, dataset_root=None)
+    args = {"embeddings_dir": out, "splits": None, "query": None, "image": None, "k": 5, "index": "exact", "rebuild": False,
+                "index_dir": None, "name_or_path": "tiny", "revision": None, "device": "cpu", "dtype": "float32",
+                "max_image_pixels": 89478485, "ann_options": ANN, "dataset_root": None}
     return run_search(**{**args, **kw})
 
 
 @pytest.mark.job
 def test_image_query_finds_itself_with_the_stored_embedding(embedded):
     root, out = embedded
-    target = sorted((root / "valid" / "sneaker").iterdir())[0]
+    target = min((root / "valid" / "sneaker").iterdir())
     result = search(out, image=target)
     first = result["results"][0]
     assert first["path"] == f"valid/sneaker/{target.name}" and first["split"] == "valid"
@@ -99,22 +98,22 @@ def test_bad_files_and_another_model_are_refused_before_the_model_loads(embedded
 @pytest.mark.job
 def test_cli_json_alone_on_stdout_and_errors_in_one_line(embedded, tmp_path):
     root, out = embedded
-    photo = sorted((root / "valid" / "trouser").iterdir())[0]
+    photo = min((root / "valid" / "trouser").iterdir())
     cmd = [sys.executable, "-m", "pipelines.search", "model=tiny", f"embeddings_dir={out}", "device=cpu"]
     run = subprocess.run([*cmd, f"image={photo}", "format=json", "k=3", f"output={tmp_path}/r.json"],
-                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+                         check=False, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     printed = json.loads(run.stdout)  # nothing else on stdout: the log goes to stderr
     assert printed == json.loads((tmp_path / "r.json").read_text())
     assert printed["results"][0]["path"] == f"valid/trouser/{photo.name}" and len(printed["results"]) == 3
-    table = subprocess.run([*cmd, f"image={photo}", "k=2"], capture_output=True, text=True, cwd=REPO_ROOT,
+    table = subprocess.run([*cmd, f"image={photo}", "k=2"], check=False, capture_output=True, text=True, cwd=REPO_ROOT,
                            timeout=300)
     assert table.returncode == 0 and f"valid/trouser/{photo.name}" in table.stdout.splitlines()[3]
-    bad = subprocess.run([*cmd, "query=a bag", f"image={photo}"], capture_output=True, text=True, cwd=REPO_ROOT,
+    bad = subprocess.run([*cmd, "query=a bag", f"image={photo}"], check=False, capture_output=True, text=True, cwd=REPO_ROOT,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: give exactly one of query=TEXT and image=FILE (both given), e.g. query='a dog on a sofa' or "
-        "image=photo.jpg"]
+        ("error: give exactly one of query=TEXT and image=FILE (both given), e.g. query='a dog on a sofa' or "
+        "image=photo.jpg")]
 
 
 @pytest.mark.job

@@ -61,8 +61,8 @@ def test_class_embeddings_saved_with_metadata_reused_and_recomputed(tmp_path):
         calls.append(len(texts))
         return fake_text_tower(texts)
 
-    args = dict(text_meta=TEXT_META, labels=["a", "b"], names=["cat", "dog"], templates=["a {}."], embed=counting,
-                batch_size=8)
+    args = {"text_meta": TEXT_META, "labels": ["a", "b"], "names": ["cat", "dog"], "templates": ["a {}."], "embed": counting,
+                "batch_size": 8}
     first, reused = zeroshot.class_embeddings(path, **args)
     assert not reused and calls == [2]
     table = pq.read_table(path)
@@ -109,9 +109,9 @@ def embedded(tmp_path_factory):
     """Three classes x (2 train + 3 valid) of data/sample, embedded with the tiny model."""
     import shutil
 
-    from pipelines.embed import run_embed
-
     from helpers.images import SAMPLE
+
+    from pipelines.embed import run_embed
 
     root = tmp_path_factory.mktemp("data")
     for split, n in (("train", 2), ("valid", 3)):
@@ -126,9 +126,9 @@ def embedded(tmp_path_factory):
 
 
 def run(out, **kw):
-    args = dict(embeddings_dir=out, query_split="valid", class_names=None, templates=["a photo of a {}."],
-                name_or_path="tiny", revision=None, device="cpu", dtype="float32", batch_size=4, output_dir=None,
-                dataset_root=None, worst=5)
+    args = {"embeddings_dir": out, "query_split": "valid", "class_names": None, "templates": ["a photo of a {}."],
+                "name_or_path": "tiny", "revision": None, "device": "cpu", "dtype": "float32", "batch_size": 4, "output_dir": None,
+                "dataset_root": None, "worst": 5}
     return zeroshot.run_zeroshot(**{**args, **kw})
 
 
@@ -172,7 +172,7 @@ def test_zeroshot_equals_siglip_computed_here_and_reuses_class_embeddings(embedd
 
 @pytest.mark.job
 def test_names_file_and_errors(embedded, tmp_path, tiny_vision_checkpoint):
-    root, out = embedded
+    _root, out = embedded
     names = tmp_path / "names.tsv"
     names.write_text("ankle_boot\tboot\nbag\thandbag\n")
     report = run(out, class_names=names, output_dir=tmp_path / "z")
@@ -195,10 +195,10 @@ def test_cli_prints_the_table(embedded, tmp_path):
 
     _, out = embedded
     run_ = subprocess.run([sys.executable, "-m", "pipelines.zeroshot", "model=tiny", f"embeddings_dir={out}",
-                           "device=cpu", f"output_dir={tmp_path}/z"], capture_output=True, text=True,
+                           "device=cpu", f"output_dir={tmp_path}/z"], check=False, capture_output=True, text=True,
                           cwd=REPO_ROOT, timeout=300)
     assert run_.returncode == 0, run_.stderr
     assert "zero-shot over 3 classes, valid 9" in run_.stdout and "top-1 " in run_.stdout
     bad = subprocess.run([sys.executable, "-m", "pipelines.zeroshot", "model=tiny", f"embeddings_dir={out}",
-                          "query_split=test"], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+                          "query_split=test"], check=False, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "split=test" in bad.stderr

@@ -151,10 +151,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     data = f"{s['clusters']} clusters (spread {s['spread']})" if s["clusters"] else "uniform on the sphere"
-    lines = [f"{s['rows']:,} x {s['dim']} unit vectors ({data}), {s['queries']:,} queries = database rows + noise "
-             f"{s['noise']}, k={s['k']}, {report['device']}, {report['cores']} cores",
-             f"{'index':<7}{'setting':<26}{'build s':>9}{'queries/s':>11}{'vs exact':>10}"
-             f"{'recall@' + str(s['k']):>11}{'source found':>14}"]
+    lines = [(f"{s['rows']:,} x {s['dim']} unit vectors ({data}), {s['queries']:,} queries = database rows + noise "
+             f"{s['noise']}, k={s['k']}, {report['device']}, {report['cores']} cores"),
+             (f"{'index':<7}{'setting':<26}{'build s':>9}{'queries/s':>11}{'vs exact':>10}"
+             f"{'recall@' + str(s['k']):>11}{'source found':>14}")]
     for r in report["results"]:
         lines.append(f"{r['kind']:<7}{r['setting']:<26}{r['build_s']:>9.1f}{r['qps']:>11.0f}{r['speedup']:>9.1f}x"
                      f"{r['recall']:>11.3f}{r['source_found']:>14.3f}")
