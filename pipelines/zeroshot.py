@@ -252,8 +252,9 @@ def _report(out: Path, *, query: store.Split, labels: list[str], names: list[str
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(files["per_class"], index=False)
         predictions.to_parquet(files["predictions"], index=False)
-        _figure(table, worst=worst, title=(f"{Path(str(info['model']['model'])).name} zero-shot: {n_classes} "
-                                           f"classes, top-1 {100 * hit1.mean():.2f}%")).savefig(files["figure"], dpi=110)
+        model = Path(str(info["model"]["model"])).name
+        title = f"{model} zero-shot: {n_classes} classes, top-1 {100 * hit1.mean():.2f}%"
+        _figure(table, worst=worst, title=title).savefig(files["figure"], dpi=110)
     report = {**info, "top1": float(hit1.mean()) if len(hit1) else 0.0,
               "top5": float(hit5.mean()) if len(hit5) else 0.0, "num_classes": n_classes, "num_query": len(truth),
               "seconds": {**{k: round(v, 3) for k, v in seconds.items()},

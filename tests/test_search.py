@@ -37,9 +37,9 @@ def embedded(tmp_path_factory):
 
 
 def search(out, **kw):
-    args = {"embeddings_dir": out, "splits": None, "query": None, "image": None, "k": 5, "index": "exact", "rebuild": False,
-                "index_dir": None, "name_or_path": "tiny", "revision": None, "device": "cpu", "dtype": "float32",
-                "max_image_pixels": 89478485, "ann_options": ANN, "dataset_root": None}
+    args = {"embeddings_dir": out, "splits": None, "query": None, "image": None, "k": 5, "index": "exact",
+            "rebuild": False, "index_dir": None, "name_or_path": "tiny", "revision": None, "device": "cpu",
+            "dtype": "float32", "max_image_pixels": 89478485, "ann_options": ANN, "dataset_root": None}
     return run_search(**{**args, **kw})
 
 
@@ -109,8 +109,8 @@ def test_cli_json_alone_on_stdout_and_errors_in_one_line(embedded, tmp_path):
     table = subprocess.run([*cmd, f"image={photo}", "k=2"], check=False, capture_output=True, text=True, cwd=REPO_ROOT,
                            timeout=300)
     assert table.returncode == 0 and f"valid/trouser/{photo.name}" in table.stdout.splitlines()[3]
-    bad = subprocess.run([*cmd, "query=a bag", f"image={photo}"], check=False, capture_output=True, text=True, cwd=REPO_ROOT,
-                         timeout=300)
+    bad = subprocess.run([*cmd, "query=a bag", f"image={photo}"], check=False, capture_output=True, text=True,
+                         cwd=REPO_ROOT, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         ("error: give exactly one of query=TEXT and image=FILE (both given), e.g. query='a dog on a sofa' or "
         "image=photo.jpg")]

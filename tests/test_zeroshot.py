@@ -61,8 +61,8 @@ def test_class_embeddings_saved_with_metadata_reused_and_recomputed(tmp_path):
         calls.append(len(texts))
         return fake_text_tower(texts)
 
-    args = {"text_meta": TEXT_META, "labels": ["a", "b"], "names": ["cat", "dog"], "templates": ["a {}."], "embed": counting,
-                "batch_size": 8}
+    args = {"text_meta": TEXT_META, "labels": ["a", "b"], "names": ["cat", "dog"], "templates": ["a {}."],
+            "embed": counting, "batch_size": 8}
     first, reused = zeroshot.class_embeddings(path, **args)
     assert not reused and calls == [2]
     table = pq.read_table(path)
@@ -127,8 +127,8 @@ def embedded(tmp_path_factory):
 
 def run(out, **kw):
     args = {"embeddings_dir": out, "query_split": "valid", "class_names": None, "templates": ["a photo of a {}."],
-                "name_or_path": "tiny", "revision": None, "device": "cpu", "dtype": "float32", "batch_size": 4, "output_dir": None,
-                "dataset_root": None, "worst": 5}
+            "name_or_path": "tiny", "revision": None, "device": "cpu", "dtype": "float32", "batch_size": 4,
+            "output_dir": None, "dataset_root": None, "worst": 5}
     return zeroshot.run_zeroshot(**{**args, **kw})
 
 

@@ -51,7 +51,8 @@ class Vectors:
     """Seeded unit vectors float32 [rows, dim], made chunk by chunk on demand (the same values every pass)."""
 
     def __init__(self, *, rows: int, dim: int, clusters: int, spread: float, seed: int, chunk: int) -> None:
-        self.rows, self.dim, self.clusters, self.spread, self.seed, self.chunk = rows, dim, clusters, spread, seed, chunk
+        self.rows, self.dim, self.clusters, self.spread = rows, dim, clusters, spread
+        self.seed, self.chunk = seed, chunk
         self.centres = (ann.normalize(np.random.default_rng([seed, 1]).standard_normal((clusters, dim),
                                                                                        dtype=np.float32))
                         if clusters else None)
