@@ -126,3 +126,19 @@ def _answer(server: Launched, rows: list[bytes] | bytes) -> np.ndarray | Inferen
         return infer_bytes(server, rows if isinstance(rows, list) else [rows])
     except InferenceServerException as exc:
         return exc
+
+
+@pytest.mark.server
+def test_a_vision_only_checkpoint_serves_images_and_says_why_not_text(tiny_vision_checkpoint, tmp_path):
+    launched = launch(tmp_path, *server_args(tiny_vision_checkpoint))
+    try:
+        answer = post_json(launched, ["a cat"])
+        assert answer.status_code == 503, answer.text
+        assert f"model.name_or_path='{tiny_vision_checkpoint}'" in answer.json()["error"]
+        assert "the text side needs the full SiglipModel checkpoint" in answer.json()["error"]
+        client = tritonclient.http.InferenceServerClient(f"localhost:{launched.http_port}")
+        pixels = tritonclient.http.InferInput(names.PIXEL_VALUES, [1, 3, 384, 384], "FP32")
+        pixels.set_data_from_numpy(np.zeros((1, 3, 384, 384), np.float32))
+        assert client.infer(names.SIGLIP, [pixels]).as_numpy(names.EMBEDDING).shape == (1, 32)
+    finally:
+        launched.stop()
