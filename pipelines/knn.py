@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
+from pipelines.errors import UserError
+
 log = logging.getLogger(__name__)
 
 METRICS = ("cosine", "euclidean")
@@ -61,13 +63,13 @@ class Result:
 
 
 def check_settings(*, k: int, weights: str, metric: str) -> None:
-    """Raise ValueError naming the setting that is out of range."""
+    """Raise UserError naming the setting that is out of range."""
     if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}: expected one of {', '.join(METRICS)}")
+        raise UserError(f"metric={metric!r}: expected one of {', '.join(METRICS)}")
     if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+        raise UserError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
     if int(k) < 1:
-        raise ValueError(f"k={k}: expected a positive number of neighbours")
+        raise UserError(f"k={k}: expected a positive number of neighbours")
 
 
 def prepared(x: np.ndarray, metric: str) -> np.ndarray:
@@ -222,11 +224,9 @@ class TorchBackend(CandidateBackend):
         self.max_chunk_bytes = max_chunk_bytes
 
     def _device(self) -> Any:
-        import torch
+        from pipelines.devices import resolve_device  # torch, imported only for this backend
 
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "device": str(self._device())}
@@ -271,7 +271,7 @@ class FaissBackend(CandidateBackend):
 
     def __init__(self, device: str = "auto") -> None:
         if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"faiss device={device!r}: expected auto, cpu or cuda")
+            raise UserError(f"faiss device={device!r}: expected auto, cpu or cuda")
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded: noise
         _import_faiss()  # here, so that search timings leave the import out
         self.device = device
@@ -281,7 +281,7 @@ class FaissBackend(CandidateBackend):
 
         gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
         if self.device == "cuda" and gpus == 0:
-            raise ValueError("faiss device=cuda: GPU FAISS or a GPU is missing (pip install '.[gpu]' on a CUDA host)")
+            raise UserError("faiss device=cuda: GPU FAISS or a GPU is missing (pip install '.[gpu]' on a CUDA host)")
         return self.device != "cpu" and gpus > 0
 
     def describe(self) -> dict[str, Any]:
@@ -302,7 +302,7 @@ FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-g
 
 
 def _import_faiss() -> Any:
-    """The `faiss` module; ValueError (one line naming the extra) when none or several FAISS wheels are installed."""
+    """The `faiss` module; UserError (one line naming the extra) when none or several FAISS wheels are installed."""
     from importlib import metadata
 
     installed = []
@@ -310,12 +310,12 @@ def _import_faiss() -> Any:
         with contextlib.suppress(metadata.PackageNotFoundError):
             installed.append(f"{dist} {metadata.version(dist)}")
     if len(installed) > 1:  # they ship the same `faiss` package: the last one installed overwrote the other's files
-        raise ValueError(f"knn=faiss: {' and '.join(installed)} are both installed and overwrite each other's "
+        raise UserError(f"knn=faiss: {' and '.join(installed)} are both installed and overwrite each other's "
                          f"`faiss` package; keep one (pip uninstall faiss-cpu on a CUDA host, else the GPU one)")
     try:
         import faiss
     except ImportError as exc:
-        raise ValueError(f"knn=faiss needs FAISS ({exc}): pip install 'siglip-pipelines[cpu]', or "
+        raise UserError(f"knn=faiss needs FAISS ({exc}): pip install 'siglip-pipelines[cpu]', or "
                          f"'siglip-pipelines[gpu]' on a CUDA 12 host; or use knn=torch or knn=sklearn") from exc
     return faiss
 
@@ -326,7 +326,7 @@ BACKENDS: dict[str, type[Backend]] = {"sklearn": SklearnBackend, "faiss": FaissB
 def make_backend(name: str, **kwargs: Any) -> Backend:
     """A backend by name: sklearn, faiss or torch; kwargs go to its constructor (e.g. device)."""
     if name not in BACKENDS:
-        raise ValueError(f"knn backend {name!r}: expected one of {', '.join(BACKENDS)}")
+        raise UserError(f"knn backend {name!r}: expected one of {', '.join(BACKENDS)}")
     return BACKENDS[name](**kwargs)
 
 
@@ -366,9 +366,9 @@ def classify(
     """k-NN vote of float [N, D] `train` (int [N] labels in [0, n_classes)) for float [Q, D] `query`."""
     check_settings(k=k, weights=weights, metric=metric)
     if train.shape[1] != query.shape[1]:
-        raise ValueError(f"train embeddings are {train.shape[1]}-d, queries {query.shape[1]}-d")
+        raise UserError(f"train embeddings are {train.shape[1]}-d, queries {query.shape[1]}-d")
     if k > len(train):
-        raise ValueError(f"k={k} neighbours asked for, but only {len(train)} train rows")
+        raise UserError(f"k={k} neighbours asked for, but only {len(train)} train rows")
     backend = backend or SklearnBackend()
     neighbours = backend.search(train, query, k=k, metric=metric)
     return Result(class_scores(neighbours, train_labels, n_classes, weights=weights), neighbours)
