@@ -224,83 +224,35 @@ def run_zeroshot(*, embeddings_dir: str | Path, query_split: str, class_names: s
 def _report(out: Path, *, query: store.Split, labels: list[str], names: list[str], truth: np.ndarray,
             top: np.ndarray, probs: np.ndarray, worst: int, info: dict[str, Any], seconds: dict[str, float],
             start: float) -> dict[str, Any]:
-    """report.json, per_class.csv, predictions.parquet and per_class.png under `out`; the report."""
-    import pandas as pd
+    """report.json, per_class.csv, predictions.parquet (with each top-5 class's probability) and per_class.png
+    under `out`, through `pipelines.report`; the report as written."""
+    from pipelines import report as family
 
-    n_classes = len(labels)
-    hit1, hit5 = top[:, 0] == truth, (top == truth[:, None]).any(axis=1)
-    counts = np.bincount(truth, minlength=n_classes)
-    confusion = np.zeros((n_classes, n_classes), np.int64)
-    np.add.at(confusion, (truth, top[:, 0]), 1)
-    np.fill_diagonal(confusion, 0)
-    confused = confusion.argmax(axis=1)
-    seen = np.maximum(counts, 1)
-    table = pd.DataFrame({
-        "label": labels, "name": names, "n_query": counts,
-        "top1": np.bincount(truth[hit1], minlength=n_classes) / seen,
-        "top5": np.bincount(truth[hit5], minlength=n_classes) / seen,
-        "confused_with": [labels[j] if confusion[i, j] else "" for i, j in enumerate(confused)],
-        "confused_share": confusion[np.arange(n_classes), confused] / seen,
-    })
-    cls = np.asarray(labels, dtype=object)
-    predictions = pd.DataFrame({"path": query.paths, "label": query.labels, "prediction": cls[top[:, 0]],
-                                "probability": probs[:, 0], "top5": [list(r) for r in cls[top]],
-                                "top5_probabilities": list(probs)})
-    files = {"report": out / "report.json", "per_class": out / "per_class.csv",
-             "predictions": out / "predictions.parquet", "figure": out / "per_class.png"}
-    with store.writing(out, then="then rerun"):
-        out.mkdir(parents=True, exist_ok=True)
-        table.to_csv(files["per_class"], index=False)
-        predictions.to_parquet(files["predictions"], index=False)
-        model = Path(str(info["model"]["model"])).name
-        title = f"{model} zero-shot: {n_classes} classes, top-1 {100 * hit1.mean():.2f}%"
-        _figure(table, worst=worst, title=title).savefig(files["figure"], dpi=110)
-    report = {**info, "top1": float(hit1.mean()) if len(hit1) else 0.0,
-              "top5": float(hit5.mean()) if len(hit5) else 0.0, "num_classes": n_classes, "num_query": len(truth),
-              "seconds": {**{k: round(v, 3) for k, v in seconds.items()},
-                          "total": round(time.perf_counter() - start, 3)},
-              "files": {k: str(v) for k, v in files.items()}}
-    store.write_json(files["report"], report)
-    return report
+    run = family.count(truth, top, n_classes=len(labels))
+    model = Path(str(info["model"]["model"])).name
+    written, _ = family.publish(
+        out, runs=[run], classes=labels, names=dict(zip(labels, names, strict=True)), paths=query.paths,
+        source={"embeddings_dir": info["embeddings_dir"], "query_split": info["query_split"]},
+        metadata={**{k: v for k, v in info.items() if k not in ("embeddings_dir", "query_split")},
+                  "num_classes": len(labels), "num_query": len(truth)},
+        title=f"{model} zero-shot: {len(labels)} classes", header=[], worst=worst,
+        columns={"probability": probs[:, 0], "top5_probabilities": list(probs)},
+        seconds={k: round(v, 3) for k, v in seconds.items()}, start=start)
+    return written
 
 
-def _figure(table: Any, *, worst: int, title: str) -> Any:
-    """Histogram of per-class top-1 and the `worst` classes as bars (Agg, no pyplot)."""
-    from matplotlib.figure import Figure
+def format_report(report: dict[str, Any], table: Any) -> str:
+    """A few lines for the terminal: the settings, top-1/top-5 and the worst classes (the report family's table)."""
+    from pipelines import report as family
 
-    shown = table.sort_values(["top1", "label"]).head(worst)
-    fig = Figure(figsize=(11, max(3.5, 0.25 * len(shown) + 1.2)), layout="constrained")
-    hist, bars = fig.subplots(1, 2, width_ratios=[1, 1.3])
-    hist.hist(table["top1"] * 100, bins=np.linspace(0, 100, 21), color="tab:green", edgecolor="white")
-    hist.set(xlabel="top-1 accuracy of a class (%)", ylabel="classes", title="per-class top-1")
-    bars.barh(range(len(shown)), shown["top1"] * 100, color="tab:orange")
-    bars.set_yticks(range(len(shown)), [f"{n[:28]} ({lab})" if n != lab else lab
-                                        for lab, n in zip(shown["label"], shown["name"], strict=True)], fontsize=8)
-    bars.invert_yaxis()
-    bars.set(xlim=(0, 100), xlabel="top-1 accuracy (%)", title=f"the {len(shown)} worst classes")
-    fig.suptitle(title)
-    return fig
-
-
-def format_report(report: dict[str, Any], table: Any, *, rows: int = 10) -> str:
-    """A few lines for the terminal: the settings, top-1/top-5 and the worst classes."""
     t = report["templates"]
-    lines = [(f"{report['embeddings_dir']}: {report['model']['model']} ({report['model']['embedding_dim']}-d), "
-             f"zero-shot over {report['num_classes']} classes, {report['query_split']} {report['num_query']}"),
-             (f"{len(t)} prompt template(s) ({t[0]!r}{', ...' if len(t) > 1 else ''}); class names from "
-             f"{report['class_names'] or 'the folder names'}; class embeddings "
-             f"{'reused' if report['class_embeddings']['reused'] else 'computed'}"),
-             (f"top-1 {100 * report['top1']:.2f}%   top-5 {100 * report['top5']:.2f}%   "
-             f"({report['seconds']['total']:.1f} s in all)"),
-             "worst classes by top-1:",
-             f"  {'class':<40}{'top-1':>8}{'top-5':>8}  most often taken for"]
-    for row in table.sort_values(["top1", "label"]).head(rows).itertuples():
-        name = row.label if row.name == row.label else f"{row.label} {row.name}"
-        taken = f"{row.confused_with} ({100 * row.confused_share:.0f}%)" if row.confused_with else ""
-        lines.append(f"  {name[:40]:<40}{100 * row.top1:>7.1f}%{100 * row.top5:>7.1f}%  {taken}")
-    lines.append(f"report, per-class table, predictions, figure and class embeddings in "
-                 f"{Path(report['files']['report']).parent}/")
-    return "\n".join(lines)
+    reused = "reused" if report["class_embeddings"]["reused"] else "computed"
+    header = [(f"{report['embeddings_dir']}: {report['model']['model']} ({report['model']['embedding_dim']}-d), "
+               f"zero-shot over {report['num_classes']} classes, {report['query_split']} {report['num_query']}"),
+              (f"{len(t)} prompt template(s) ({t[0]!r}{', ...' if len(t) > 1 else ''}); class names from "
+               f"{report['class_names'] or 'the folder names'}; class embeddings {reused} "
+               f"({report['class_embeddings']['file']})")]
+    return family.format_table(report, table, header=header, note="({seconds[total]:.1f} s in all)")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="zeroshot", version_base="1.3")
