@@ -7,6 +7,7 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from pipelines import knn
+from pipelines.errors import UserError
 
 BACKENDS = ["sklearn", "faiss", "torch"]
 FAST = ["faiss", "torch"]
@@ -117,13 +118,13 @@ def test_inputs_are_left_alone_and_settings_checked():
     before = train.copy()
     knn.classify(train, np.arange(30) % 3, train[:5], n_classes=3, backend=knn.make_backend("torch"))
     np.testing.assert_array_equal(train, before)
-    with pytest.raises(ValueError, match="metric='manhattan'"):
+    with pytest.raises(UserError, match="metric='manhattan'"):
         knn.classify(train, np.zeros(30, int), train, n_classes=1, metric="manhattan")
-    with pytest.raises(ValueError, match="weights='inverse'"):
+    with pytest.raises(UserError, match="weights='inverse'"):
         knn.classify(train, np.zeros(30, int), train, n_classes=1, weights="inverse")
-    with pytest.raises(ValueError, match="k=40 neighbours asked for, but only 30"):
+    with pytest.raises(UserError, match="k=40 neighbours asked for, but only 30"):
         knn.classify(train, np.zeros(30, int), train, n_classes=1, k=40)
-    with pytest.raises(ValueError, match="4-d, queries 5-d"):
+    with pytest.raises(UserError, match="4-d, queries 5-d"):
         knn.classify(train, np.zeros(30, int), np.zeros((2, 5)), n_classes=1)
-    with pytest.raises(ValueError, match="knn backend 'annoy'"):
+    with pytest.raises(UserError, match="knn backend 'annoy'"):
         knn.make_backend("annoy")
