@@ -285,7 +285,8 @@ def build_index(kind: str, vectors: Callable[[], Iterator[np.ndarray]], *, rows:
     """A FAISS inner-product index of kind exact / ivf / hnsw over the unit vectors `vectors()` yields.
 
     `vectors`: called once per pass (IVF reads twice: a training sample, then every row). `options`: the `ann`
-    settings (ivf_nlist, ivf_nprobe, ivf_train_rows, hnsw_m, hnsw_ef_construction, hnsw_ef_search, seed).
+    settings (ivf_nlist, ivf_nprobe, ivf_train_rows, ivf_train_iters, hnsw_m, hnsw_ef_construction,
+    hnsw_ef_search, seed).
     """
     faiss = import_faiss()
     start = time.perf_counter()
@@ -301,7 +302,7 @@ def build_index(kind: str, vectors: Callable[[], Iterator[np.ndarray]], *, rows:
         index.nprobe = min(int(options["ivf_nprobe"]), nlist)
         sample = training_sample(vectors(), rows=rows, size=_train_rows(options["ivf_train_rows"], nlist, rows),
                                  seed=int(options["seed"]))
-        index.cp.seed = int(options["seed"])
+        index.cp.seed, index.cp.niter = int(options["seed"]), int(options["ivf_train_iters"])
         index = to_device(index, gpu=gpu)
         index.train(sample)
         del sample

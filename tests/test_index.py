@@ -17,7 +17,7 @@ DIM = 16
 META = {"model": "tiny", "revision": None, "embedding_dim": DIM, "dtype": "float32", "image_size": [384, 384],
         "preprocess": {}, "version": "test"}
 OPTIONS = {"exact_below": 50, "hnsw_below": 500, "ivf_nlist": 8, "ivf_nprobe": 8, "ivf_train_rows": "auto",
-           "hnsw_m": 16, "hnsw_ef_construction": 80, "hnsw_ef_search": 200, "seed": 0}
+           "ivf_train_iters": 10, "hnsw_m": 16, "hnsw_ef_construction": 80, "hnsw_ef_search": 200, "seed": 0}
 
 
 def write_split(out, split, vectors, *, start=0, meta=META, prefix="shard0of1"):

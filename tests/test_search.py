@@ -18,7 +18,8 @@ from pipelines.embed import run_embed
 from pipelines.search import ModelMismatchError, check_query, run_search
 
 ANN = {"exact_below": 50000, "hnsw_below": 1000000, "ivf_nlist": "auto", "ivf_nprobe": 32,
-       "ivf_train_rows": "auto", "hnsw_m": 32, "hnsw_ef_construction": 80, "hnsw_ef_search": 128, "seed": 0}
+       "ivf_train_rows": "auto", "ivf_train_iters": 10, "hnsw_m": 32, "hnsw_ef_construction": 80,
+       "hnsw_ef_search": 128, "seed": 0}
 
 
 @pytest.fixture(scope="module")
