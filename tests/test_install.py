@@ -21,6 +21,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from pipelines.config import REPO_ROOT
+from pipelines.errors import UserError
 
 # What a wheel build must not see: environments, outputs and caches of this checkout.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "outputs", "multirun", "build", "dist", "*.egg-info",
@@ -189,7 +190,7 @@ def test_faiss_missing_is_one_line_naming_the_extra(monkeypatch):
     from pipelines import knn
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError, as without the wheel
-    with pytest.raises(ValueError, match=r"knn=faiss needs FAISS .*siglip-pipelines\[cpu\]") as raised:
+    with pytest.raises(UserError, match=r"knn=faiss needs FAISS .*siglip-pipelines\[cpu\]") as raised:
         knn.make_backend("faiss")
     assert "\n" not in str(raised.value)
 
@@ -203,7 +204,7 @@ def test_two_faiss_wheels_are_refused_in_one_line(monkeypatch, tmp_path):
         record.mkdir()
         (record / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name.replace('_', '-')}\nVersion: {version}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ValueError, match=r"faiss-cpu 1\.15\.1 and faiss-gpu-cu12 1\.12\.0 are both installed") as raised:
+    with pytest.raises(UserError, match=r"faiss-cpu 1\.15\.1 and faiss-gpu-cu12 1\.12\.0 are both installed") as raised:
         knn.make_backend("faiss")
     assert "\n" not in str(raised.value) and "pip uninstall" in str(raised.value)
 
