@@ -3,7 +3,7 @@
 One real photo (scikit-learn's china.jpg, 427x640 JPEG) decoded and preprocessed exactly as the embed job does
 for so400m-patch14-384, stored as base64 of the float32 [3, 384, 384] tensor (exact, 2.4 MB):
     python data/make_pixel_values.py [--image FILE] [--output FILE]
-`python -m pipelines.loadgen` reads the same file, so both tools send the same pixels.
+`python -m pipelines.serve.loadgen` reads the same file, so both tools send the same pixels.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import sklearn.datasets
 
 from pipelines.data import decode
-from pipelines.names import PIXEL_VALUES
+from pipelines.serve.names import PIXEL_VALUES
 from pipelines.presets import SO400M_PREPROCESSOR
 from pipelines.siglip import Preprocess
 
