@@ -141,6 +141,51 @@ ax.legend(fontsize=7, markerscale=2, loc="best")
 plt.show()"""
 
 
+ZEROSHOT_MD = """\
+## Zero-shot classification
+The same query images classified by the text tower alone (`pipelines.zeroshot`, with `conf/zeroshot.yaml`'s prompt
+templates): SigLIP's sigmoid probability of each class name's prompts, no training image used. The class
+embeddings are saved beside the report and reused. With the tiny random model this is near chance."""
+
+ZEROSHOT_CELL = """\
+from omegaconf import OmegaConf
+
+from pipelines.config import CONF_DIR
+from pipelines.zeroshot import format_report as format_zeroshot
+from pipelines.zeroshot import run_zeroshot
+
+zs_conf = OmegaConf.load(Path(CONF_DIR) / "zeroshot.yaml")
+zeroshot = run_zeroshot(
+    embeddings_dir=EMBEDDINGS_DIR, query_split=report["settings"]["query_split"], class_names=report["class_names"],
+    templates=list(zs_conf.templates), name_or_path=report["model"]["model"], revision=report["model"]["revision"],
+    device=zs_conf.device, dtype=zs_conf.dtype, batch_size=zs_conf.batch_size, output_dir=None,
+    dataset_root=DATA_ROOT, worst=zs_conf.worst)
+print(format_zeroshot(zeroshot, pd.read_csv(zeroshot["files"]["per_class"], keep_default_na=False)))
+pd.read_parquet(zeroshot["files"]["predictions"]).head(QUERIES)"""
+
+SEARCH_MD = """\
+## Search by text and by image
+`pipelines.search`: the stored images nearest to a text (the text tower) and to an image file (embedded as the embed
+job does: it finds itself first, with score 1), by cosine similarity in an exact FAISS index."""
+
+SEARCH_CELL = """\
+from pipelines.search import run_search
+
+search_conf = OmegaConf.load(Path(CONF_DIR) / "search.yaml")
+first = predictions["path"].iloc[0]
+for query in ({"query": f"a photo of a {per_class['name'].iloc[0]}"}, {"image": DATA_ROOT / first}):
+    if "image" in query and not query["image"].exists():
+        continue
+    found = run_search(
+        embeddings_dir=EMBEDDINGS_DIR, splits=None, query=query.get("query"), image=query.get("image"),
+        k=search_conf.k, index=search_conf.index, rebuild=False, index_dir=None, name_or_path=report["model"]["model"],
+        revision=report["model"]["revision"], device=search_conf.device, dtype=search_conf.dtype,
+        max_image_pixels=search_conf.max_image_pixels, ann_options=OmegaConf.to_container(search_conf.ann),
+        dataset_root=DATA_ROOT)
+    print(query)
+    display(pd.DataFrame(found["results"]).head(5))"""
+
+
 def build() -> nbformat.NotebookNode:
     """The notebook, without outputs."""
     nb = new_notebook(cells=[
@@ -153,6 +198,10 @@ def build() -> nbformat.NotebookNode:
         new_code_cell(NEIGHBOURS),
         new_markdown_cell(PCA_MD),
         new_code_cell(PCA_CELL),
+        new_markdown_cell(ZEROSHOT_MD),
+        new_code_cell(ZEROSHOT_CELL),
+        new_markdown_cell(SEARCH_MD),
+        new_code_cell(SEARCH_CELL),
     ])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
