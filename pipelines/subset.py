@@ -67,13 +67,16 @@ def build_subset(
     *,
     source: str | Path,
     output: str | Path,
-    per_class: dict[str, int] | None = None,
-    seed: int = 0,
-    link: str = "symlink",
-    overwrite: bool = False,
+    per_class: dict[str, int],
+    seed: int,
+    link: str,
+    overwrite: bool,
 ) -> dict[str, Any]:
-    """Build `output/<split>/<class>/` for each split of `per_class` (default train 10, valid 20); the summary."""
-    per_class = dict(per_class or {"train": 10, "valid": 20})
+    """Build `output/<split>/<class>/` for each split of `per_class` (split -> images per class); the summary.
+
+    The settings' defaults are conf/subset.yaml's.
+    """
+    per_class = dict(per_class)
     source, output = Path(source).resolve(), Path(output)
     _check_settings(per_class, link)
     root = class_root(source)
@@ -143,14 +146,7 @@ def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="subset", version_base="1.3")
 @clean_errors(OSError)
 def main(cfg: DictConfig) -> None:
-    summary = build_subset(
-        source=cfg.source,
-        output=cfg.output,
-        per_class=OmegaConf.to_container(cfg.per_class),
-        seed=cfg.seed,
-        link=cfg.link,
-        overwrite=cfg.overwrite,
-    )
+    summary = build_subset(**OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     counts = ", ".join(f"{split} {n} ({summary['per_class'][split]}/class)" for split, n in summary["images"].items())
     print(f"{summary['classes']} classes from {summary['class_root']}: {counts} -> {summary['output']} "
           f"({summary['link']}s, seed {summary['seed']}); manifest {Path(summary['output']) / MANIFEST}")

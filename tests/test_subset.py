@@ -10,10 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from pipelines.config import REPO_ROOT, UserError
 from pipelines.data import list_split
-from pipelines.subset import build_subset
+from pipelines.subset import build_subset as build_with
+
+# conf/subset.yaml's settings (the one source of their defaults), without the two it leaves to the command line
+DEFAULTS = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(REPO_ROOT / "conf" / "subset.yaml")).items()
+            if k not in ("defaults", "source", "output")}
+
+
+def build_subset(**settings):
+    """`build_subset` with conf/subset.yaml's defaults for the settings not given."""
+    return build_with(**{**DEFAULTS, **settings})
+
 
 SYNSETS = [f"n0{1440764 + 7 * i}" for i in range(6)]
 
