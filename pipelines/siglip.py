@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import pipelines
 from pipelines.devices import resolve_device
+from pipelines.errors import UserError
 from pipelines.hub import (  # WeightsUnavailableError: the error of this module's loaders
     SO400M_RANDOM,
     TINY,
@@ -60,10 +61,10 @@ class Preprocess:
         """Build from a `preprocessor_config.json` dict (keys and defaults as transformers reads them)."""
         size = config.get("size", {"height": 384, "width": 384})
         if "height" not in size:
-            raise ValueError(f"preprocessor size {size!r}: expected {{'height': H, 'width': W}}")
+            raise UserError(f"preprocessor size {size!r}: expected {{'height': H, 'width': W}}")
         resample = int(config.get("resample", 3))
         if resample not in _RESAMPLE:
-            raise ValueError(f"preprocessor resample={resample}: not a PIL resampling code")
+            raise UserError(f"preprocessor resample={resample}: not a PIL resampling code")
         return cls(
             height=int(size["height"]),
             width=int(size["width"]),
@@ -233,7 +234,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
+        raise UserError(f"dtype={dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from transformers import SiglipImageProcessor, SiglipModel
 
 from pipelines.data import decode
+from pipelines.errors import UserError
 from pipelines.presets import SO400M_PREPROCESSOR, save_tiny
 from pipelines.siglip import (
     EncoderSpec,
@@ -70,7 +71,7 @@ def test_preprocess_follows_the_checkpoint_config(tmp_path, photo_bytes):
 def test_preprocess_config_round_trip():
     preprocess = Preprocess.from_config(SO400M_PREPROCESSOR)
     assert Preprocess.from_config(preprocess.to_config()) == preprocess
-    with pytest.raises(ValueError, match="resample=9"):
+    with pytest.raises(UserError, match="resample=9"):
         Preprocess.from_config({**SO400M_PREPROCESSOR, "resample": 9})
 
 
@@ -170,7 +171,7 @@ def test_unreachable_hub_is_one_clear_line(monkeypatch, tmp_path):
 def test_dtype_names():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    with pytest.raises(ValueError, match="fp8"):
+    with pytest.raises(UserError, match="fp8"):
         resolve_dtype("fp8", torch.device("cpu"))
 
 
