@@ -96,28 +96,36 @@ def load_splits(embeddings_dir: Path, train_split: str, query_split: str) -> Lab
     return Labelled(train, query, classes, _codes(train.labels, classes), _codes(query.labels, classes))
 
 
+def defaults() -> dict[str, Any]:
+    """conf/validate.yaml's settings (its `knn` group's default as `backend`), the one source of defaults."""
+    cfg = OmegaConf.load(Path(CONF_DIR) / "validate.yaml")
+    backend = next(item["knn"] for item in cfg.defaults if isinstance(item, DictConfig) and "knn" in item)
+    settings = {key: cfg[key] for key in cfg if key not in ("defaults", "embeddings_dir")}
+    return {**settings, "backend": backend, "dataset_root": None}
+
+
 def run_validate(**settings: Any) -> dict[str, Any]:
     """k-NN of `query_split` against `train_split` in `embeddings_dir` (`evaluate`); writes the outputs, returns
-    the report."""
-    return evaluate(**settings)[0]
+    the report. A setting not given takes conf/validate.yaml's value (`defaults`)."""
+    return evaluate(**{**defaults(), **settings})[0]
 
 
 def evaluate(
     *,
     embeddings_dir: str | Path,
-    train_split: str = "train",
-    query_split: str = "valid",
-    k: int = 10,
-    weights: str = "distance",
-    metric: str = "cosine",
-    backend: knn.Backend | str = "sklearn",
-    shots: int | None = 10,
-    episodes: int = 1,
-    seed: int = 0,
-    class_names: str | Path | None = None,
-    dataset_root: str | Path | None = None,
-    output_dir: str | Path | None = None,
-    worst: int = 20,
+    train_split: str,
+    query_split: str,
+    k: int,
+    weights: str,
+    metric: str,
+    backend: knn.Backend | str,
+    shots: int | None,
+    episodes: int,
+    seed: int,
+    class_names: str | Path | None,
+    dataset_root: str | Path | None,
+    output_dir: str | Path | None,
+    worst: int,
 ) -> tuple[dict[str, Any], str]:
     """k-NN of `query_split` against `train_split` in `embeddings_dir`; writes the outputs (`pipelines.report`),
     returns the report and the printed table.
