@@ -151,6 +151,13 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _splits(value: Any) -> list[str] | None:
+    """`splits=valid`, `splits=[train,valid]` or null (every split) -> a list of names or None."""
+    if value in (None, "", []):
+        return None
+    return [str(value)] if isinstance(value, str) else [str(v) for v in OmegaConf.to_container(value)]
+
+
 @hydra.main(config_path=CONF_DIR, config_name="search", version_base="1.3")
 @clean_errors(FileNotFoundError, PermissionError)
 def main(cfg: DictConfig) -> None:
@@ -158,7 +165,7 @@ def main(cfg: DictConfig) -> None:
         raise UserError(f"format={cfg.format!r}: expected one of {', '.join(FORMATS)}")
     root = None if OmegaConf.is_missing(cfg.dataset, "root") else cfg.dataset.root
     result = run_search(
-        embeddings_dir=cfg.embeddings_dir, splits=OmegaConf.to_container(cfg.splits) if cfg.splits else None,
+        embeddings_dir=cfg.embeddings_dir, splits=_splits(cfg.splits),
         query=cfg.query, image=cfg.image, k=cfg.k, index=cfg.index, rebuild=cfg.rebuild, index_dir=cfg.index_dir,
         name_or_path=cfg.model.name_or_path, revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype,
         max_image_pixels=cfg.max_image_pixels, ann_options=OmegaConf.to_container(cfg.ann, resolve=True),
