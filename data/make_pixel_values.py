@@ -16,8 +16,8 @@ from pathlib import Path
 import sklearn.datasets
 
 from pipelines.data import decode
-from pipelines.serve.names import PIXEL_VALUES
 from pipelines.presets import SO400M_PREPROCESSOR
+from pipelines.serve.names import PIXEL_VALUES
 from pipelines.siglip import Preprocess
 
 OUTPUT = Path(__file__).resolve().parent / "siglip" / "pixel_values.json"

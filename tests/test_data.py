@@ -94,8 +94,8 @@ import os
 import signal
 import time
 
-from helpers import hostile_files
 import numpy as np
+from helpers import hostile_files
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 

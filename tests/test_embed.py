@@ -30,11 +30,11 @@ pytestmark = pytest.mark.job
 
 def embed_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.embed", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300, **kwargs)
+                          text=True, timeout=300, check=False, **kwargs)
 
 
 def run(root: Path, out: Path, model: str = "tiny", **kwargs) -> dict:
-    settings = dict(splits=["train", "valid"], num_workers=0, batch_size=4, progress=False)
+    settings = {"splits": ["train", "valid"], "num_workers": 0, "batch_size": 4, "progress": False}
     return run_embed(root=root, output_dir=out, model=model, device="cpu", **{**settings, **kwargs})
 
 
