@@ -4,17 +4,16 @@ table or JSON alone on stdout; bad queries, files and models are one line."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from helpers.images import SAMPLE
+from helpers.jobs import embed_sample_subset
 
 from pipelines import store
 from pipelines.config import REPO_ROOT, UserError
-from pipelines.embed import run_embed
 from pipelines.search import ModelMismatchError, check_query, run_search
 
 ANN = {"exact_below": 50000, "hnsw_below": 1000000, "ivf_nlist": "auto", "ivf_nprobe": 32,
@@ -25,16 +24,8 @@ ANN = {"exact_below": 50000, "hnsw_below": 1000000, "ivf_nlist": "auto", "ivf_np
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     """Three classes x (3 train + 2 valid) of data/sample, embedded with the tiny model."""
-    root = tmp_path_factory.mktemp("data")
-    for split, n in (("train", 3), ("valid", 2)):
-        for label in ("bag", "sneaker", "trouser"):
-            (root / split / label).mkdir(parents=True)
-            for src in sorted((SAMPLE / split / label).iterdir())[:n]:
-                shutil.copy(src, root / split / label / src.name)
-    out = tmp_path_factory.mktemp("emb") / "sample-tiny"
-    run_embed(root=root, splits=["train", "valid"], output_dir=out, model="tiny", device="cpu", num_workers=0,
-              batch_size=8, progress=False)
-    return root, out
+    return embed_sample_subset(tmp_path_factory, labels=("bag", "sneaker", "trouser"),
+                               per_split={"train": 3, "valid": 2})
 
 
 def search(out, **kw):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers.jobs import embed_sample_subset
 
 from pipelines import classnames, zeroshot
 from pipelines.errors import UserError
@@ -107,22 +108,8 @@ def test_class_names_from_synset_mapping_tab_file_and_folders(tmp_path):
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     """Three classes x (2 train + 3 valid) of data/sample, embedded with the tiny model."""
-    import shutil
-
-    from helpers.images import SAMPLE
-
-    from pipelines.embed import run_embed
-
-    root = tmp_path_factory.mktemp("data")
-    for split, n in (("train", 2), ("valid", 3)):
-        for label in ("ankle_boot", "bag", "trouser"):
-            (root / split / label).mkdir(parents=True)
-            for src in sorted((SAMPLE / split / label).iterdir())[:n]:
-                shutil.copy(src, root / split / label / src.name)
-    out = tmp_path_factory.mktemp("emb") / "sample-tiny"
-    run_embed(root=root, splits=["train", "valid"], output_dir=out, model="tiny", device="cpu", num_workers=0,
-              batch_size=8, progress=False)
-    return root, out
+    return embed_sample_subset(tmp_path_factory, labels=("ankle_boot", "bag", "trouser"),
+                               per_split={"train": 2, "valid": 3})
 
 
 def run(out, **kw):

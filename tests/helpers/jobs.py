@@ -122,3 +122,33 @@ def runner_job(root: Path, out: Path, **settings) -> Job:
               "rows_per_part": config["rows_per_part"], "progress": False, "compile": config["compile"],
               "max_pixels": config["max_image_pixels"], "prefix": "t", **settings}
     return Job(encoder=EncoderSpec("tiny", None, "cpu", "float32"), root=Path(root), output_dir=Path(out), **values)
+
+
+def embed_sample_subset(tmp_path_factory, *, labels: tuple[str, ...], per_split: dict[str, int]) -> tuple[Path, Path]:
+    """(root, output_dir): the first `per_split[split]` images of each of `labels` in data/sample, copied to a
+    dataset root and embedded with the tiny model on CPU."""
+    import shutil
+
+    from helpers.images import SAMPLE
+    from pipelines.embed import run_embed
+
+    root = tmp_path_factory.mktemp("data")
+    for split, n in per_split.items():
+        for label in labels:
+            (root / split / label).mkdir(parents=True)
+            for src in sorted((SAMPLE / split / label).iterdir())[:n]:
+                shutil.copy(src, root / split / label / src.name)
+    out = tmp_path_factory.mktemp("emb") / "sample-tiny"
+    run_embed(root=root, splits=list(per_split), output_dir=out, model="tiny", device="cpu", num_workers=0,
+              batch_size=8, progress=False)
+    return root, out
+
+
+def ray_cli_env(ray_tmpdir: str, *, pythonpath: Path | None = None) -> dict[str, str]:
+    """The environment for a CLI job that starts a local Ray of its own under `ray_tmpdir` (never a cluster named
+    by RAY_ADDRESS), with `pythonpath` first on PYTHONPATH when given."""
+    env = {**os.environ, "RAY_TMPDIR": ray_tmpdir}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")])
+    env.pop("RAY_ADDRESS", None)
+    return env

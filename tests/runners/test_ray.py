@@ -23,7 +23,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 from helpers import hostile_files
-from helpers.jobs import LOCAL_RAY, ray_embed_args, runner_job
+from helpers.jobs import LOCAL_RAY, ray_cli_env, ray_embed_args, runner_job
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -114,8 +114,7 @@ def sorted_errors(output_dir: Path, split: str) -> list[dict[str, str]]:
 def test_cli_starts_a_local_ray_and_stops_it(image_root, tmp_path):
     # First in the file: it runs before the shared Ray below starts, so two never share the 2 cores.
     marker = short_tmpdir()
-    env = {**os.environ, "RAY_TMPDIR": marker}
-    env.pop("RAY_ADDRESS", None)
+    env = ray_cli_env(marker)
     command = ray_embed_args(image_root, tmp_path / "out")
     try:
         done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -136,16 +135,14 @@ def test_a_file_that_segfaults_the_decoder_is_an_error_record_on_ray(image_root,
     hostile_files.write_crash_png(image_root / "train" / "bag" / "crash.png")
     hostile_files.write_crash_hook(tmp_path / "hook")
     marker = short_tmpdir()
-    env = {**os.environ, "RAY_TMPDIR": marker,
-           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
-    env.pop("RAY_ADDRESS", None)
+    env = ray_cli_env(marker, pythonpath=tmp_path / "hook")
     command = ray_embed_args(image_root, tmp_path / "out")
     try:
         done = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         out = tmp_path / "out"
-        errors = store.read_errors(store.split_dir(out, "train") if hasattr(store, "split_dir") else out / "train")
+        errors = store.read_errors(store.split_dir(out, "train"))
         assert errors == [{"path": "train/bag/crash.png", "label": "bag",
                            "error": "DecodeError: decoder crashed (signal 11)"}]
         listed = {r.path for r in list_split(image_root, "train")}
