@@ -340,13 +340,7 @@ def training_sample(chunks: Iterator[np.ndarray], *, rows: int, size: int, seed:
 
 def index_dir(embeddings_dir: str | Path) -> Path:
     """The sibling folder `<embeddings_dir>-index` (outside the embeddings' Parquet dataset)."""
-    out = Path(embeddings_dir)
-    if out.name in ("", ".", ".."):
-        out = out.resolve()
-    if not out.name:
-        raise UserError(f"embeddings_dir={embeddings_dir} has no folder name to put '{INDEX_SUFFIX}' after; "
-                        "give index_dir=")
-    return out.with_name(out.name + INDEX_SUFFIX)
+    return store.sibling_dir(embeddings_dir, INDEX_SUFFIX, instead="index_dir=")
 
 
 def index_paths(folder: Path, splits: list[str], kind: str) -> tuple[Path, Path]:

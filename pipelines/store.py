@@ -106,16 +106,22 @@ def summary_path(output_dir: str | Path, *, shard_index: int, shard_count: int) 
     return Path(output_dir) / name
 
 
-def validation_dir(output_dir: str | Path) -> Path:
-    """pipelines.validate's default output: the sibling `<output_dir>-validation` (outside the dataset, so that
-    `**/*.parquet` readers of the embeddings never meet predictions.parquet)."""
-    out = Path(output_dir)
+def sibling_dir(embeddings_dir: str | Path, suffix: str, *, instead: str = "output_dir=") -> Path:
+    """The folder `<embeddings_dir><suffix>` beside the embeddings (outside their Parquet dataset, so that
+    `**/*.parquet` readers of the embeddings never meet another table): where validate, zeroshot and search put
+    what they derive. `instead`: the setting that names another folder, told when the name has no folder name."""
+    out = Path(embeddings_dir)
     if out.name in ("", ".", ".."):
         out = out.resolve()  # '.', '..', 'a/..': name the folder itself
     if not out.name:
-        raise UserError(f"embeddings_dir={output_dir} has no folder name to put '{VALIDATION_SUFFIX}' after; "
-                        "give output_dir= for the validation outputs")
-    return out.with_name(out.name + VALIDATION_SUFFIX)
+        raise UserError(f"embeddings_dir={embeddings_dir} has no folder name to put '{suffix}' after; "
+                        f"give {instead}")
+    return out.with_name(out.name + suffix)
+
+
+def validation_dir(output_dir: str | Path) -> Path:
+    """pipelines.validate's default output: the sibling `<output_dir>-validation`."""
+    return sibling_dir(output_dir, VALIDATION_SUFFIX, instead="output_dir= for the validation outputs")
 
 
 def _legacy_split(folder: Path) -> bool:

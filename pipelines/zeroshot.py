@@ -144,10 +144,7 @@ def output_location(embeddings_dir: Path, output_dir: str | Path | None) -> Path
     """`output_dir`, or the sibling `<embeddings_dir>-zeroshot`; a folder inside `embeddings_dir` is refused
     (its Parquet readers would take the class embeddings for images)."""
     if output_dir in (None, ""):
-        base = Path(embeddings_dir)
-        if base.name in ("", ".", ".."):
-            base = base.resolve()
-        out = base.with_name(base.name + ZEROSHOT_SUFFIX)
+        out = store.sibling_dir(embeddings_dir, ZEROSHOT_SUFFIX)
     else:
         out = Path(output_dir)
     if store.is_inside(out.resolve(), Path(embeddings_dir).resolve()):
