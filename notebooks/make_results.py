@@ -46,7 +46,8 @@ from sklearn.decomposition import PCA
 from pipelines.config import REPO_ROOT
 from pipelines.store import read_split, validation_dir
 from pipelines.report import FIGURE, PER_CLASS, PREDICTIONS, REPORT
-from pipelines.validate import format_report, run_validate
+from pipelines.fewshot import format_report
+from pipelines.validate import run_validate
 
 if EMBEDDINGS_DIR is None:
     from pipelines.embed import run_embed

@@ -17,7 +17,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from pipelines import store
 from pipelines.config import REPO_ROOT, UserError
 from pipelines.embed import run_embed
-from pipelines.validate import episode_draws, run_validate
+from pipelines.fewshot import episode_draws
+from pipelines.validate import run_validate
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 
