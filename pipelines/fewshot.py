@@ -184,7 +184,8 @@ def _run_episodes(data: Labelled, draws: list[np.ndarray], **knn_args: Any) -> t
                 "knn_s": round(time.perf_counter() - t0, 3)}
         runs.append(report.count(data.y_query, result.top(report.TOP), n_classes=knn_args["n_classes"], info=info))
         log.info("episode %d/%d: top-1 %.2f%%, %.1f s", i + 1, len(draws), 100 * runs[-1].top1, info["knn_s"])
-        first = first or result
+        if first is None:
+            first = result
     return runs, first
 
 

@@ -31,7 +31,6 @@ importing this module still answers `--cfg job` in a moment).
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,35 +69,19 @@ class Counts:
 
 
 def count(truth: np.ndarray, ranked: np.ndarray, *, n_classes: int, info: dict[str, Any] | None = None) -> Counts:
-    """Count one run: true int [Q] classes against ranked int [Q, n] predictions (best first, n >= min(5, C))."""
+    """Count one run: true int [Q] classes against ranked int [Q, n] predictions (best first, n >= min(5, C)).
+
+    Hits are read off the ranking itself (the caller's tie order holds); the confusion matrix is sklearn's.
+    """
     from sklearn.metrics import confusion_matrix
 
     truth, ranked = np.asarray(truth, dtype=np.int64), np.asarray(ranked, dtype=np.int64)
-    scores = _rank_scores(ranked, n_classes)
-    groups = np.split(np.argsort(truth, kind="stable"), np.cumsum(np.bincount(truth, minlength=n_classes))[:-1])
-    hits5 = [int(_top_k(truth[g], scores[g], TOP, normalize=False)) if len(g) else 0 for g in groups]
+    hit1 = ranked[:, 0] == truth
+    hit5 = (ranked[:, :TOP] == truth[:, None]).any(axis=1)
     padded = np.arange(max(n_classes, 2))  # sklearn warns about a 1 x 1 matrix, even one asked for
     confusion = confusion_matrix(truth, ranked[:, 0], labels=padded)[:n_classes, :n_classes].astype(np.int64)
-    return Counts(truth, ranked, confusion,
-                  np.array(hits5, dtype=np.int64), _top_k(truth, scores, 1), _top_k(truth, scores, TOP),
-                  dict(info or {}))
-
-
-def _rank_scores(ranked: np.ndarray, n_classes: int) -> np.ndarray:
-    """float64 [Q, max(C, 3)] scores that order exactly as `ranked` (n - position; 0 for the rest), so that
-    sklearn's own tie-breaking never applies; the padding keeps sklearn on its multiclass path for C < 3."""
-    scores = np.zeros((len(ranked), max(n_classes, 3)))
-    np.put_along_axis(scores, ranked, np.arange(ranked.shape[1], 0, -1, dtype=np.float64)[None, :], axis=1)
-    return scores
-
-
-def _top_k(truth: np.ndarray, scores: np.ndarray, k: int, *, normalize: bool = True) -> float:
-    from sklearn.exceptions import UndefinedMetricWarning
-    from sklearn.metrics import top_k_accuracy_score
-
-    with warnings.catch_warnings():  # k >= classes: every query is a hit, as it should be; no warning to print
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        return top_k_accuracy_score(truth, scores, k=k, labels=np.arange(scores.shape[1]), normalize=normalize)
+    return Counts(truth, ranked, confusion, np.bincount(truth[hit5], minlength=n_classes).astype(np.int64),
+                  float(hit1.mean()), float(hit5.mean()), dict(info or {}))
 
 
 def accuracy(runs: list[Counts]) -> dict[str, float]:

@@ -685,7 +685,8 @@ def _upgrade_plan(out: Path) -> list[tuple[Path, Path]]:
     """The renames that bring `out` from the layout before 0.2.0 to this one, in a safe order: inside a split
     folder first, then the folder; the manifest last (until it moves, the folder still reads as the old layout)."""
     plan: list[tuple[Path, Path]] = []
-    for name in legacy_entries(out):
+    entries = legacy_entries(out)
+    for name in entries:
         entry = out / name.rstrip("/")
         if not name.endswith("/"):
             continue
@@ -695,7 +696,7 @@ def _upgrade_plan(out: Path) -> list[tuple[Path, Path]]:
             plan.append((entry, split_dir(out, entry.name)))
         else:
             plan.append((entry, validation_dir(out)))  # the old validate output: out of the dataset
-    for name in legacy_entries(out):
+    for name in entries:
         if not name.endswith("/") and name != LEGACY_MANIFEST:
             plan.append((out / name, out / f"_{name}"))
     if (out / LEGACY_MANIFEST).is_file():

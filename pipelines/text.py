@@ -136,19 +136,6 @@ class TextEncoder:
         }
 
 
-@dataclass(frozen=True)
-class TextSpec:
-    """Which text encoder to load, where and how (as `pipelines.siglip.EncoderSpec` for the vision side)."""
-
-    name_or_path: str
-    revision: str | None
-    device: str  # 'auto', 'cpu', 'cuda', 'cuda:1', as the setting says
-    dtype: str  # 'auto', 'float32', 'bfloat16', 'float16'
-
-    def load(self) -> TextEncoder:
-        return load_text_encoder(self.name_or_path, revision=self.revision, device=self.device, dtype=self.dtype)
-
-
 def load_text_encoder(name_or_path: str, *, revision: str | None, device: str | torch.device,
                       dtype: str) -> TextEncoder:
     """Load the text tower, tokenizer, logit scale and bias from a full SiglipModel checkpoint or the 'tiny' preset.

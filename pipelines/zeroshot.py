@@ -63,8 +63,10 @@ def ensemble(embed: Callable[[list[str]], np.ndarray], names: list[str], templat
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
+    """float [n, D] -> a float32 copy with unit rows (all-zero rows stay zero): `index.normalize` on a copy."""
+    from pipelines.index import normalize
+
+    return normalize(np.array(x, dtype=np.float32))
 
 
 def logits(images: np.ndarray, classes: np.ndarray, *, logit_scale: float, logit_bias: float) -> np.ndarray:
@@ -172,11 +174,17 @@ def classify(images: np.ndarray, classes: np.ndarray, *, logit_scale: float, log
     return np.concatenate(ids), np.concatenate(probs)
 
 
-def run_zeroshot(*, embeddings_dir: str | Path, query_split: str, class_names: str | Path | None,
-                 templates: list[str], name_or_path: str, revision: str | None, device: str, dtype: str,
-                 batch_size: int, output_dir: str | Path | None, dataset_root: str | Path | None,
-                 worst: int) -> dict[str, Any]:
-    """Classify `query_split`'s stored embeddings among its classes; write the report family; return the report."""
+def run_zeroshot(**settings: Any) -> dict[str, Any]:
+    """Classify `query_split`'s stored embeddings among its classes (`evaluate`); write the report family; return
+    the report."""
+    return evaluate(**settings)[0]
+
+
+def evaluate(*, embeddings_dir: str | Path, query_split: str, class_names: str | Path | None,
+             templates: list[str], name_or_path: str, revision: str | None, device: str, dtype: str,
+             batch_size: int, output_dir: str | Path | None, dataset_root: str | Path | None,
+             worst: int) -> tuple[dict[str, Any], str]:
+    """`run_zeroshot`, returning the report and the printed table."""
     from pipelines import classnames
     from pipelines.hub import check_model
     from pipelines.index import check_same_model
@@ -220,51 +228,56 @@ def run_zeroshot(*, embeddings_dir: str | Path, query_split: str, class_names: s
 
 def _report(out: Path, *, query: store.Split, labels: list[str], names: list[str], truth: np.ndarray,
             top: np.ndarray, probs: np.ndarray, worst: int, info: dict[str, Any], seconds: dict[str, float],
-            start: float) -> dict[str, Any]:
+            start: float) -> tuple[dict[str, Any], str]:
     """report.json, per_class.csv, predictions.parquet (with each top-5 class's probability) and per_class.png
-    under `out`, through `pipelines.report`; the report as written."""
+    under `out`, through `pipelines.report`; the report as written and the printed table."""
     from pipelines import report as family
 
     run = family.count(truth, top, n_classes=len(labels))
     model = Path(str(info["model"]["model"])).name
-    written, _ = family.publish(
+    source = {"embeddings_dir": info["embeddings_dir"], "query_split": info["query_split"]}
+    metadata = {**{k: v for k, v in info.items() if k not in source}, "num_classes": len(labels),
+                "num_query": len(truth)}
+    return family.publish(
         out, runs=[run], classes=labels, names=dict(zip(labels, names, strict=True)), paths=query.paths,
-        source={"embeddings_dir": info["embeddings_dir"], "query_split": info["query_split"]},
-        metadata={**{k: v for k, v in info.items() if k not in ("embeddings_dir", "query_split")},
-                  "num_classes": len(labels), "num_query": len(truth)},
-        title=f"{model} zero-shot: {len(labels)} classes", header=[], worst=worst,
+        source=source, metadata=metadata, title=f"{model} zero-shot: {len(labels)} classes",
+        header=_header({**source, **metadata}), note=NOTE, worst=worst,
         columns={"probability": probs[:, 0], "top5_probabilities": list(probs)},
         seconds={k: round(v, 3) for k, v in seconds.items()}, start=start)
-    return written
+
+
+NOTE = "({seconds[total]:.1f} s in all)"  # the top-1 line's end, from the report
+
+
+def _header(report: dict[str, Any]) -> list[str]:
+    """The table's first lines: what was classified, with which model, names and templates."""
+    t = report["templates"]
+    reused = "reused" if report["class_embeddings"]["reused"] else "computed"
+    return [(f"{report['embeddings_dir']}: {report['model']['model']} ({report['model']['embedding_dim']}-d), "
+             f"zero-shot over {report['num_classes']} classes, {report['query_split']} {report['num_query']}"),
+            (f"{len(t)} prompt template(s) ({t[0]!r}{', ...' if len(t) > 1 else ''}); class names from "
+             f"{report['class_names'] or 'the folder names'}; class embeddings {reused} "
+             f"({report['class_embeddings']['file']})")]
 
 
 def format_report(report: dict[str, Any], table: Any) -> str:
-    """A few lines for the terminal: the settings, top-1/top-5 and the worst classes (the report family's table)."""
+    """A saved run's table for the terminal (report.json and per_class.csv read back): as `main` prints it."""
     from pipelines import report as family
 
-    t = report["templates"]
-    reused = "reused" if report["class_embeddings"]["reused"] else "computed"
-    header = [(f"{report['embeddings_dir']}: {report['model']['model']} ({report['model']['embedding_dim']}-d), "
-               f"zero-shot over {report['num_classes']} classes, {report['query_split']} {report['num_query']}"),
-              (f"{len(t)} prompt template(s) ({t[0]!r}{', ...' if len(t) > 1 else ''}); class names from "
-               f"{report['class_names'] or 'the folder names'}; class embeddings {reused} "
-               f"({report['class_embeddings']['file']})")]
-    return family.format_table(report, table, header=header, note="({seconds[total]:.1f} s in all)")
+    return family.format_table(report, table, header=_header(report), note=NOTE)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="zeroshot", version_base="1.3")
 @clean_errors(FileNotFoundError, PermissionError)
 def main(cfg: DictConfig) -> None:
-    import pandas as pd
-
     root = None if OmegaConf.is_missing(cfg.dataset, "root") else cfg.dataset.root
-    report = run_zeroshot(
+    _, table = evaluate(
         embeddings_dir=cfg.embeddings_dir, query_split=cfg.query_split, class_names=cfg.class_names,
         templates=OmegaConf.to_container(cfg.templates), name_or_path=cfg.model.name_or_path,
         revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
         output_dir=cfg.output_dir, dataset_root=root, worst=cfg.worst,
     )
-    print(format_report(report, pd.read_csv(report["files"]["per_class"], keep_default_na=False)))
+    print(table)
 
 
 if __name__ == "__main__":

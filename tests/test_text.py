@@ -16,7 +16,6 @@ from pipelines.presets import TINY_LOGIT_BIAS, TINY_LOGIT_SCALE, TINY_MAX_LENGTH
 from pipelines.siglip import load_encoder
 from pipelines.text import (
     TextInputError,
-    TextSpec,
     TextTowerMissingError,
     decode_text,
     decode_texts,
@@ -109,7 +108,7 @@ def test_the_tiny_preset_has_the_saved_checkpoints_text_side(text_encoder):
     preset = load_text_encoder("tiny", revision=None, device="cpu", dtype="float32")
     torch.testing.assert_close(preset.embed(TEXTS), text_encoder.embed(TEXTS))
     assert preset.metadata()["model"] == "tiny" and preset.metadata()["revision"] is None
-    assert TextSpec("tiny", None, "cpu", "float32").load().metadata() == preset.metadata()
+    assert load_text_encoder("tiny", revision=None, device="cpu", dtype="float32").metadata() == preset.metadata()
 
 
 def test_low_precision_returns_float32(tiny_checkpoint, text_encoder):

@@ -324,15 +324,16 @@ class _HangWatch:
 
     def _run(self) -> None:
         limit_ms = HANG_TIMEOUT_S * 1000
+        killed: set[int] = set()  # once each: the slot stays busy (its file the suspect) until the loader notices
         while not self._stop.wait(min(1.0, HANG_TIMEOUT_S / 4)):
             now_ms = time.monotonic() * 1000  # CLOCK_MONOTONIC: one clock for all processes of the host
             for w in range(0, len(self.tracker), 3):
                 pid, index, started = self.tracker[w], self.tracker[w + 1], self.tracker[w + 2]
-                if index >= 0 and now_ms - started > limit_ms:
+                if index >= 0 and now_ms - started > limit_ms and pid not in killed:
                     log.warning("a decode worker spent more than %g s on one file; stopping it", HANG_TIMEOUT_S)
+                    killed.add(pid)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    self.tracker[w + 1] = index  # unchanged: the file stays the suspect
 
 
 def _dead_workers(iterator: Any, exc: BaseException, *, wait_s: float = 30.0) -> set[int]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines import store
-from pipelines.runners.split import SplitStats
+
+if TYPE_CHECKING:
+    from pipelines.runners.split import SplitStats
 
 log = logging.getLogger(__name__)
 

@@ -112,6 +112,38 @@ def non_finite_rows(pixels: np.ndarray) -> str | None:
     return f"{named}: pixel values must be finite (found NaN or inf)"
 
 
+def embed_batch(inputs: Sequence[Any], embed: Callable[[list[Any]], Any], *, good: Callable[[Any], bool]) -> list[Any]:
+    """One dynamic batch, request by request: each input is a request's rows (`good`) or the error refusing it.
+
+    The good inputs go to `embed` in one call; it returns float32 [all their rows, D], or an error object that
+    every good request then answers. -> per request its [n, D] block, or its error, in order.
+    """
+    accepted = [x for x in inputs if good(x)]
+    if not accepted:
+        return list(inputs)
+    embeddings = embed(accepted)
+    if isinstance(embeddings, np.ndarray):
+        blocks = iter(split_rows(embeddings, [len(x) for x in accepted]))
+    else:
+        blocks = iter([embeddings] * len(accepted))
+    return [next(blocks) if good(x) else x for x in inputs]
+
+
+def responses(pb_utils: Any, output_name: str, results: Sequence[Any]) -> list[Any]:
+    """`embed_batch`'s results -> Triton responses: a block as `output_name`, an error as a 400 (INVALID_ARG)
+    with its message, or a TritonError as it is. `pb_utils` is the backend's module, passed in so that this module
+    needs no Triton."""
+    answered = []
+    for result in results:
+        if isinstance(result, np.ndarray):
+            answered.append(pb_utils.InferenceResponse([pb_utils.Tensor(output_name, result)]))
+            continue
+        error = result if isinstance(result, pb_utils.TritonError) else pb_utils.TritonError(
+            str(result), pb_utils.TritonError.INVALID_ARG)
+        answered.append(pb_utils.InferenceResponse(error=error))
+    return answered
+
+
 def split_rows(embeddings: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     """float32 [sum(sizes), D] -> one [size, D] block per request, in order."""
     if sum(sizes) != len(embeddings):

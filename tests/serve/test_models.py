@@ -142,3 +142,22 @@ def test_split_rows_keeps_request_order():
     np.testing.assert_array_equal(np.concatenate(blocks), embeddings)
     with pytest.raises(ValueError, match="6 embeddings"):
         models.split_rows(embeddings, [1, 2])
+
+
+def test_embed_batch_embeds_the_good_requests_once_and_keeps_their_order():
+    calls = []
+
+    def embed(accepted):
+        calls.append(accepted)
+        return np.concatenate(accepted).astype(np.float32)
+
+    inputs = [np.ones((2, 1)), "request 1: bad", np.zeros((1, 1)), "request 3: bad", 3 * np.ones((3, 1))]
+    results = models.embed_batch(inputs, embed, good=lambda x: isinstance(x, np.ndarray))
+    assert len(calls) == 1 and [len(x) for x in calls[0]] == [2, 1, 3]
+    assert [r.tolist() if isinstance(r, np.ndarray) else r for r in results] == [
+        [[1.0], [1.0]], "request 1: bad", [[0.0]], "request 3: bad", [[3.0], [3.0], [3.0]]]
+    # An error `embed` answers (siglip's, for embed_image) goes to every good request; nothing to embed: no call.
+    failed = models.embed_batch(inputs, lambda accepted: "siglip failed", good=lambda x: isinstance(x, np.ndarray))
+    assert failed == ["siglip failed", "request 1: bad", "siglip failed", "request 3: bad", "siglip failed"]
+    assert models.embed_batch(["a", "b"], embed, good=lambda x: isinstance(x, np.ndarray)) == ["a", "b"]
+    assert len(calls) == 1

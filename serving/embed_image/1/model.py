@@ -35,25 +35,10 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         blobs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         decoded = models.decode_requests(blobs, self.decoder.decode_many)  # uint8 [n, 3, H, W] or the error
-        good = [d for d in decoded if isinstance(d, torch.Tensor)]
-        if not good:
-            return [pb_utils.InferenceResponse(error=_invalid(d)) for d in decoded]
-        embeddings = self._siglip(torch.cat(good))
-        if isinstance(embeddings, pb_utils.TritonError):  # siglip failed: every good request gets its error
-            blocks = [embeddings] * len(good)
-        else:
-            blocks = models.split_rows(embeddings, [len(d) for d in good])
-        responses, next_block = [], iter(blocks)
-        for d in decoded:
-            if not isinstance(d, torch.Tensor):
-                responses.append(pb_utils.InferenceResponse(error=_invalid(d)))
-                continue
-            block = next(next_block)
-            if isinstance(block, pb_utils.TritonError):
-                responses.append(pb_utils.InferenceResponse(error=block))
-            else:
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, block)]))
-        return responses
+        # Every good request's images in one call of siglip; its error, if it answers one, goes to each of them.
+        results = models.embed_batch(decoded, lambda good: self._siglip(torch.cat(good)),
+                                     good=lambda d: isinstance(d, torch.Tensor))
+        return models.responses(pb_utils, self.output_name, results)
 
     def finalize(self) -> None:
         self.decoder.close()
@@ -69,7 +54,3 @@ class TritonPythonModel:
         if response.has_error():
             return response.error()
         return pb_utils.get_output_tensor_by_name(response, names.EMBEDDING).as_numpy()
-
-
-def _invalid(error: Exception):
-    return pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)

@@ -42,13 +42,11 @@ class TritonPythonModel:
             error = pb_utils.TritonError(self.missing, pb_utils.TritonError.UNAVAILABLE)
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         texts = [_texts(pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy()) for r in requests]
-        good = [t for t in texts if isinstance(t, list)]
-        rows = [text for request in good for text in request]
-        embeddings = self.encoder.embed(rows).cpu().numpy() if rows else None
-        blocks = iter(models.split_rows(embeddings, [len(t) for t in good]) if rows else [])
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, next(blocks))]) if isinstance(t, list)
-                else pb_utils.InferenceResponse(error=pb_utils.TritonError(str(t), pb_utils.TritonError.INVALID_ARG))
-                for t in texts]
+        results = models.embed_batch(texts, self._embed, good=lambda t: isinstance(t, list))
+        return models.responses(pb_utils, self.output_name, results)
+
+    def _embed(self, requests: list):
+        return self.encoder.embed([text for request in requests for text in request]).cpu().numpy()
 
 
 def _texts(blobs):

@@ -36,10 +36,10 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         # Triton has already checked each request's name, dtype and shape against config.pbtxt.
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        errors = [models.non_finite_rows(a) for a in arrays]  # NaN would come back as a NaN embedding
-        good = [a for a, error in zip(arrays, errors) if error is None]
-        embeddings = self.encoder.embed(torch.from_numpy(np.concatenate(good))).cpu().numpy() if good else None
-        blocks = iter(models.split_rows(embeddings, [len(a) for a in good]) if good else [])
-        return [pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, next(blocks))]) if error is None
-                else pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG))
-                for error in errors]
+        # NaN would come back as a NaN embedding: such a request is refused with the rows named.
+        inputs = [a if (error := models.non_finite_rows(a)) is None else error for a in arrays]
+        results = models.embed_batch(inputs, self._embed, good=lambda x: isinstance(x, np.ndarray))
+        return models.responses(pb_utils, self.output_name, results)
+
+    def _embed(self, arrays: list) -> np.ndarray:
+        return self.encoder.embed(torch.from_numpy(np.concatenate(arrays))).cpu().numpy()
