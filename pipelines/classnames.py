@@ -6,7 +6,8 @@ Two file formats, told apart line by line:
     n01440764<TAB>tench                 any `<label>\t<name>` file: the name as written (OpenAI's ImageNet names,
                                         your own), commas and all
 Without a file (or for a label the file does not hold) the folder name is the name, underscores as spaces
-("ankle_boot" -> "ankle boot").
+("ankle_boot" -> "ankle boot"). The file is found as validate finds its own (`report.find_class_names`); the
+report shows a file's names whole, while a prompt takes the first lemma.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
-
-CLASS_NAMES_FILE = "LOC_synset_mapping.txt"
 
 
 def read_names(path: Path) -> dict[str, str]:
@@ -42,15 +41,6 @@ def read_names(path: Path) -> dict[str, str]:
                             f"got {line!r}")
         names[label.strip()] = name.strip()
     return names
-
-
-def find_names_file(class_names: str | Path | None, search: list[Path]) -> Path | None:
-    """`class_names` when given (must exist), else the first folder of `search` holding LOC_synset_mapping.txt."""
-    if class_names not in (None, ""):
-        if not Path(class_names).is_file():
-            raise UserError(f"class_names={class_names}: no such file")
-        return Path(class_names)
-    return next((d / CLASS_NAMES_FILE for d in search if (d / CLASS_NAMES_FILE).is_file()), None)
 
 
 def folder_name(label: str) -> str:

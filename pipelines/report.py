@@ -215,7 +215,7 @@ def read_class_names(path: Path) -> dict[str, str]:
 
 def find_class_names(class_names: str | Path | None, search: list[Path]) -> Path | None:
     """The class-name file: `class_names` when given (must exist), else the first `search` folder holding one."""
-    if class_names is not None:
+    if class_names not in (None, ""):
         if not Path(class_names).is_file():
             raise UserError(f"class_names={class_names}: no such file")
         return Path(class_names)

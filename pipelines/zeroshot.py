@@ -186,6 +186,7 @@ def evaluate(*, embeddings_dir: str | Path, query_split: str, class_names: str |
              worst: int) -> tuple[dict[str, Any], str]:
     """`run_zeroshot`, returning the report and the printed table."""
     from pipelines import classnames
+    from pipelines import report as family
     from pipelines.hub import check_model
     from pipelines.index import check_same_model
 
@@ -197,7 +198,7 @@ def evaluate(*, embeddings_dir: str | Path, query_split: str, class_names: str |
     out = output_location(embeddings_dir, output_dir)
     query = store.read_split(embeddings_dir, query_split)
     labels = sorted(set(query.labels))
-    names_file = classnames.find_names_file(
+    names_file = family.find_class_names(
         class_names, [embeddings_dir, *([Path(dataset_root)] if dataset_root is not None else [])])
     names = classnames.names_for(labels, names_file)
     check_same_model(query.metadata, {"model": name_or_path, "revision": revision}, keys=("model", "revision"))

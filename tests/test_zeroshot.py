@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.jobs import embed_sample_subset
 
-from pipelines import classnames, zeroshot
+from pipelines import classnames, report, zeroshot
 from pipelines.errors import UserError
 
 TEXT_META = {"model": "tiny", "revision": None, "embedding_dim": 4, "dtype": "float32"}
@@ -96,10 +96,10 @@ def test_class_names_from_synset_mapping_tab_file_and_folders(tmp_path):
     assert classnames.names_for(["n01440764", "ankle_boot", "t_shirt"], tab) == ["tench, the fish", "boot",
                                                                                   "t shirt"]
     assert classnames.names_for(["ankle_boot"], None) == ["ankle boot"]
-    assert classnames.find_names_file(None, [tmp_path / "none", tmp_path]) == loc
-    assert classnames.find_names_file(None, [tmp_path / "none"]) is None
+    assert report.find_class_names(None, [tmp_path / "none", tmp_path]) == loc
+    assert report.find_class_names(None, [tmp_path / "none"]) is None
     with pytest.raises(UserError, match="no such file"):
-        classnames.find_names_file(tmp_path / "missing.txt", [])
+        report.find_class_names(tmp_path / "missing.txt", [])
     (tmp_path / "bad.txt").write_text("n01440764\n")
     with pytest.raises(UserError, match="bad.txt:1"):
         classnames.read_names(tmp_path / "bad.txt")
