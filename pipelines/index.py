@@ -16,7 +16,6 @@ Knows the store and FAISS, nothing of models.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 KINDS = ("exact", "auto", "ivf", "hnsw")
 INDEX_SUFFIX = "-index"
 FORMAT_VERSION = 1
-FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu")
 
 
 class StaleIndexError(UserError):
@@ -69,23 +67,10 @@ def check_same_model(stored: dict[str, Any], encoder: dict[str, Any], *, keys: t
 
 
 def import_faiss() -> Any:
-    """The `faiss` module; UserError naming the extra when none, or several FAISS wheels, are installed."""
-    from importlib import metadata
+    """The `faiss` module for search (`knn.import_faiss`: the one check of the installed FAISS wheels)."""
+    from pipelines.knn import import_faiss as checked
 
-    installed = []
-    for dist in FAISS_DISTRIBUTIONS:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            installed.append(f"{dist} {metadata.version(dist)}")
-    if len(installed) > 1:  # they ship the same `faiss` package: the last one installed overwrote the other's
-        raise UserError(f"{' and '.join(installed)} are both installed and overwrite each other's `faiss` package; "
-                        "keep one (pip uninstall faiss-cpu on a CUDA host, else the GPU one)")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded: noise
-    try:
-        import faiss
-    except ImportError as exc:
-        raise UserError(f"search needs FAISS ({exc}): pip install 'siglip-pipelines[cpu]', or "
-                        "'siglip-pipelines[gpu]' on a CUDA 12 host") from exc
-    return faiss
+    return checked("search", otherwise="")
 
 
 # ---------------------------------------------------------------------------------------------------- the source

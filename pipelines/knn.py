@@ -272,8 +272,7 @@ class FaissBackend(CandidateBackend):
     def __init__(self, device: str = "auto") -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise UserError(f"faiss device={device!r}: expected auto, cpu or cuda")
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded: noise
-        _import_faiss()  # here, so that search timings leave the import out
+        import_faiss()  # here, so that search timings leave the import out
         self.device = device
 
     def _use_gpu(self) -> bool:
@@ -301,8 +300,9 @@ class FaissBackend(CandidateBackend):
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu")
 
 
-def _import_faiss() -> Any:
-    """The `faiss` module; UserError (one line naming the extra) when none or several FAISS wheels are installed."""
+def import_faiss(who: str = "knn=faiss", *, otherwise: str = "; or use knn=torch or knn=sklearn") -> Any:
+    """The `faiss` module; UserError (one line naming the extra) when none or several FAISS wheels are installed.
+    `who`: what needs it (the message's start); `otherwise`: what to do instead, appended to the missing case."""
     from importlib import metadata
 
     installed = []
@@ -310,13 +310,14 @@ def _import_faiss() -> Any:
         with contextlib.suppress(metadata.PackageNotFoundError):
             installed.append(f"{dist} {metadata.version(dist)}")
     if len(installed) > 1:  # they ship the same `faiss` package: the last one installed overwrote the other's files
-        raise UserError(f"knn=faiss: {' and '.join(installed)} are both installed and overwrite each other's "
-                         f"`faiss` package; keep one (pip uninstall faiss-cpu on a CUDA host, else the GPU one)")
+        raise UserError(f"{who}: {' and '.join(installed)} are both installed and overwrite each other's "
+                        f"`faiss` package; keep one (pip uninstall faiss-cpu on a CUDA host, else the GPU one)")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it loaded: noise
     try:
         import faiss
     except ImportError as exc:
-        raise UserError(f"knn=faiss needs FAISS ({exc}): pip install 'siglip-pipelines[cpu]', or "
-                         f"'siglip-pipelines[gpu]' on a CUDA 12 host; or use knn=torch or knn=sklearn") from exc
+        raise UserError(f"{who} needs FAISS ({exc}): pip install 'siglip-pipelines[cpu]', or "
+                        f"'siglip-pipelines[gpu]' on a CUDA 12 host{otherwise}") from exc
     return faiss
 
 
