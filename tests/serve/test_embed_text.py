@@ -12,6 +12,7 @@ import requests
 import tritonclient.grpc
 import tritonclient.http
 from helpers.server import Launched, launch, server_args
+from helpers.vectors import cosine
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -22,11 +23,6 @@ from pipelines.text import load_text_encoder
 CONFIG = REPO_ROOT / "serving" / names.EMBED_TEXT / "config.pbtxt"
 LONG = " ".join(["a photo of two striped cats on the wooden table near the river"] * 12)  # > 64 tokens
 TEXTS = ["a photo of a red bag", "A Photo, of TWO dogs!!", "un café près de la rivière ☕", LONG]
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def test_config_agrees_with_names():

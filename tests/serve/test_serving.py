@@ -25,6 +25,7 @@ import requests
 import torch
 from helpers import hostile_files
 from helpers.server import Launched, current_server_pid, launch, server_args, session_processes
+from helpers.vectors import cosine
 from PIL import Image
 
 from pipelines import store
@@ -36,11 +37,6 @@ from pipelines.serve import loadgen, names, process, watchdog
 from pipelines.siglip import SO400M_PREPROCESSOR, Preprocess, load_encoder
 
 PIXEL_VALUES_JSON = REPO_ROOT / "data" / "siglip" / "pixel_values.json"
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.atleast_2d(a).astype(np.float64), np.atleast_2d(b).astype(np.float64)
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 # ---------------------------------------------------------------- a real server
