@@ -55,7 +55,26 @@ def _print_resolved_config(argv: list[str]) -> None:
         argv.append("--resolve")
 
 
+def quote_brace_values(argv: list[str]) -> None:
+    """Quote `key=value` overrides whose value holds a brace pattern (`/data/{00000..00127}.tar`, `{a,b}`): Hydra's
+    override grammar reads a bare `{` as the start of a dict and refuses the line; quoted, it is the string."""
+    for i, arg in enumerate(argv):
+        key, eq, value = arg.partition("=")
+        if (eq and not arg.startswith("-") and "{" in value and value[:1] not in ("'", '"', "[", "{")
+                and "${" not in value):
+            argv[i] = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def given_keys(node: Any) -> list[str]:
+    """`${given:NODE}`: the keys of a mapping whose values are set (not null), e.g. the splits of data_files."""
+    return [str(key) for key, value in node.items() if value is not None]
+
+
+if not OmegaConf.has_resolver("given"):
+    OmegaConf.register_new_resolver("given", given_keys)
 _print_resolved_config(sys.argv)
+if getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", "").startswith("pipelines."):
+    quote_brace_values(sys.argv)
 
 
 def _raise_interrupted(signum: int, _frame: Any) -> None:

@@ -423,28 +423,47 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return None if info is None else 3 * info.id
 
 
+Pixels = torch.Tensor | dict[str, torch.Tensor]
+
+
 @dataclass
 class Batch:
-    """Decoded images of one loader batch, and the ones that failed."""
+    """Decoded images of one loader batch, and the ones that failed.
 
-    indices: list[int]
-    pixels: torch.Tensor  # uint8 [B, 3, H, W]; B may be 0
-    failed: list[tuple[int, str]]
+    `indices` name the rows (positions in the runner's record list, or the records' paths for a shard source);
+    `records` / `failed_records`, when set, are the rows themselves (a shard source's, read in the workers);
+    `finished`: the units a shard source's worker read to their end with this batch.
+    """
+
+    indices: list[Any]
+    pixels: Pixels  # uint8 [B, 3, H, W] (or a preprocessing's dict of [B, ...] tensors); B may be 0
+    failed: list[tuple[Any, str]]
+    records: list[Any] | None = None
+    failed_records: list[Any] | None = None
+    finished: list[int] = field(default_factory=list)
 
     def pin_memory(self) -> Batch:
-        return Batch(self.indices, self.pixels.pin_memory(), self.failed)
+        pinned = ({k: v.pin_memory() for k, v in self.pixels.items()} if isinstance(self.pixels, dict)
+                  else self.pixels.pin_memory())
+        return replace(self, pixels=pinned)
+
+
+def stack_pixels(images: list[Pixels]) -> Pixels:
+    """Resized images -> one batch: uint8 [B, 3, H, W] (channels-last in memory), or a dict stacked key by key."""
+    if not images:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    if isinstance(images[0], dict):
+        return {key: torch.stack([image[key] for image in images]) for key in images[0]}
+    # Decoded images are (H, W, 3) in memory: stacked that way it is a plain copy, where a [B, 3, H, W]-contiguous
+    # stack transposes every pixel in the worker (10x slower). Normalisation on the device restores the layout.
+    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
 
 
 def collate(items: list[dict[str, Any]]) -> Batch:
     """Stack the decoded images (uint8 [B, 3, H, W], channels-last in memory); keep (index, reason) for the rest."""
     good = [item for item in items if item["error"] is None]
     failed = [(item["index"], item["error"]) for item in items if item["error"] is not None]
-    if not good:
-        return Batch([], torch.empty(0, 3, 0, 0, dtype=torch.uint8), failed)
-    # Decoded images are (H, W, 3) in memory: stacked that way it is a plain copy, where a [B, 3, H, W]-contiguous
-    # stack transposes every pixel in the worker (10x slower). Normalisation on the device restores the layout.
-    pixels = torch.stack([item["pixels"].permute(1, 2, 0) for item in good]).permute(0, 3, 1, 2)
-    return Batch([item["index"] for item in good], pixels, failed)
+    return Batch([item["index"] for item in good], stack_pixels([item["pixels"] for item in good]), failed)
 
 
 def worker_init(_: int) -> None:

@@ -22,6 +22,7 @@ from pipelines.runners.summary import format_summary
 
 if TYPE_CHECKING:
     from pipelines.runners.split import Runner
+    from pipelines.sources.files import FileSource
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,20 @@ def defaults() -> dict[str, Any]:
     return {**{key: cfg[key] for key in SETTINGS}, "shard_index": cfg.shard.index, "shard_count": cfg.shard.count}
 
 
-def run_embed(*, root: str | Path, splits: list[str], output_dir: str | Path, model: str,
-              revision: str | None = None, runner: Runner | None = None, **settings: Any) -> dict[str, Any]:
+def files_source(dataset: DictConfig) -> FileSource:
+    """conf/dataset/files.yaml's settings -> the shard source they describe."""
+    from pipelines.sources.files import FileSource
+
+    plain = OmegaConf.to_container(dataset, resolve=True)
+    return FileSource.build(data_files=plain["data_files"], storage_options=plain["storage_options"],
+                            format=plain["format"], image_extensions=plain["image_extensions"],
+                            image_column=plain["image_column"], label=plain["label"],
+                            keep_columns=plain["keep_columns"], retries=plain["retries"])
+
+
+def run_embed(*, root: str | Path | None, splits: list[str], output_dir: str | Path, model: str,
+              revision: str | None = None, runner: Runner | None = None, source: FileSource | None = None,
+              **settings: Any) -> dict[str, Any]:
     """Embed `root/<split>/<class>/*` for each split into `output_dir/split=<split>/`; returns the summary.
 
     `settings`: conf/embed.yaml's job settings (`SETTINGS`, shard_index, shard_count); a missing one takes that
@@ -48,18 +61,19 @@ def run_embed(*, root: str | Path, splits: list[str], output_dir: str | Path, mo
     `output_dir`'s lock for its shard until it returns. An output directory in the layout before 0.2.0 is
     refused with the command that converts it (`pipelines.upgrade`).
     """
-    return run_job(root=Path(root), splits=splits, output_dir=Path(output_dir), model=model, revision=revision,
-                  runner=runner, **{**defaults(), **settings})
+    return run_job(root=Path(root) if root is not None else None, splits=splits, output_dir=Path(output_dir),
+                   model=model, revision=revision, runner=runner, source=source, **{**defaults(), **settings})
 
 
 @hydra.main(config_path=CONF_DIR, config_name="embed", version_base="1.3")
 @clean_errors(FileNotFoundError, PermissionError)  # and every UserError (WeightsUnavailableError is one)
 def main(cfg: DictConfig) -> None:
     check_model(cfg.model.name_or_path, cfg.model.revision)  # a model not to be had: now, before torch imports
+    source = files_source(cfg.dataset) if "data_files" in cfg.dataset else None
     summary = run_embed(
         root=cfg.dataset.root, splits=list(cfg.splits), output_dir=cfg.output_dir, model=cfg.model.name_or_path,
         revision=cfg.model.revision, runner=instantiate(cfg.runner, _convert_="all"), shard_index=cfg.shard.index,
-        shard_count=cfg.shard.count, **{key: cfg[key] for key in SETTINGS},
+        shard_count=cfg.shard.count, source=source, **{key: cfg[key] for key in SETTINGS},
     )
     print(format_summary(summary))
     log.debug("summary %s", json.dumps(summary))

@@ -57,7 +57,7 @@ UPGRADE_COMMAND = "python -m pipelines.upgrade"
 LEGACY_MANIFEST, LEGACY_ERRORS, LEGACY_VALIDATION = "embeddings.json", "errors.jsonl", "validation"
 LEGACY_SUMMARIES = ("summary.json", "summary-*.json")
 # Settings that must agree for two runs to share one output directory.
-IDENTITY_KEYS = ("model", "revision", "embedding_dim", "dtype", "image_size", "preprocess")
+IDENTITY_KEYS = ("model", "revision", "embedding_dim", "dtype", "image_size", "preprocess", "columns")
 
 # Every name this project writes under an output directory, and nothing else: `overwrite=true` deletes an output
 # directory only when each entry in it matches. The one place to change when the layout changes.
@@ -157,25 +157,32 @@ def check_layout(output_dir: str | Path) -> None:
                              f"with `{UPGRADE_COMMAND} {shlex.quote(str(output_dir))}` (renames only), then rerun")
 
 
-def schema(dim: int, metadata: dict[str, Any] | None = None) -> pa.Schema:
-    """path: string, label: string, embedding: fixed_size_list<float32>[dim]; metadata as JSON."""
+def schema(dim: int, metadata: dict[str, Any] | None = None, *, columns: Sequence[str] = (),
+           label_nullable: bool = False) -> pa.Schema:
+    """path: string, label: string (null allowed for sources without labels), embedding:
+    fixed_size_list<float32>[dim], then the source's kept `columns` (string, nullable); metadata as JSON."""
     fields = [
         pa.field("path", pa.string(), nullable=False),
-        pa.field("label", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=label_nullable),
         pa.field("embedding", pa.list_(pa.field("item", pa.float32(), nullable=False), dim), nullable=False),
+        *(pa.field(name, pa.string()) for name in columns),
     ]
     meta = {METADATA_KEY: json.dumps(metadata).encode()} if metadata is not None else None
     return pa.schema(fields, metadata=meta)
 
 
-def to_table(paths: Sequence[str], labels: Sequence[str], embeddings: np.ndarray, metadata: dict[str, Any]) -> pa.Table:
-    """float32 [N, D] embeddings plus their paths and labels -> a table with the store's schema."""
+def to_table(paths: Sequence[str], labels: Sequence[str | None], embeddings: np.ndarray, metadata: dict[str, Any],
+             *, extra: dict[str, Sequence[str | None]] | None = None, label_nullable: bool = False) -> pa.Table:
+    """float32 [N, D] embeddings plus their paths, labels and kept columns (`extra`) -> a table in the schema."""
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     dim = embeddings.shape[1]
     flat = pa.array(embeddings.reshape(-1), type=pa.float32())
     column = pa.FixedSizeListArray.from_arrays(flat, dim)
+    extra = extra or {}
     return pa.Table.from_arrays(
-        [pa.array(paths, pa.string()), pa.array(labels, pa.string()), column], schema=schema(dim, metadata)
+        [pa.array(paths, pa.string()), pa.array(labels, pa.string()), column,
+         *(pa.array(values, pa.string()) for values in extra.values())],
+        schema=schema(dim, metadata, columns=list(extra), label_nullable=label_nullable),
     )
 
 
@@ -232,21 +239,24 @@ def write_part(split_dir: Path, table: pa.Table, *, prefix: str) -> Path:
 class PartWriter:
     """Buffers rows and writes parts of `rows_per_part` in a background thread; `close` flushes."""
 
-    def __init__(self, split_dir: Path, *, metadata: dict[str, Any], rows_per_part: int, prefix: str) -> None:
+    def __init__(self, split_dir: Path, *, metadata: dict[str, Any], rows_per_part: int, prefix: str,
+                 columns: Sequence[str] = (), label_nullable: bool = False) -> None:
         self.split_dir, self.metadata, self.rows_per_part, self.prefix = split_dir, metadata, rows_per_part, prefix
+        self.columns, self.label_nullable = tuple(columns), label_nullable
         self.write_s = 0.0
-        self._buffer: list[tuple[list[str], list[str], np.ndarray]] = []
+        self._buffer: list[tuple[list[str], list[str], np.ndarray, list[dict[str, str | None]] | None]] = []
         self._rows = 0
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="parquet-writer", daemon=True)
         self._thread.start()
 
-    def add(self, paths: list[str], labels: list[str], embeddings: np.ndarray) -> None:
-        """Queue rows: paths, labels [N] and float32 embeddings [N, D]."""
+    def add(self, paths: list[str], labels: list[str | None], embeddings: np.ndarray,
+            extra: list[dict[str, str | None]] | None = None) -> None:
+        """Queue rows: paths, labels [N], float32 embeddings [N, D] and each row's kept columns (`columns`)."""
         if self._error is not None:
             raise RuntimeError("Parquet writer failed") from self._error
-        self._buffer.append((paths, labels, embeddings))
+        self._buffer.append((paths, labels, embeddings, extra))
         self._rows += len(paths)
         if self._rows >= self.rows_per_part:
             self._flush()
@@ -270,11 +280,14 @@ class PartWriter:
                 continue
             try:
                 start = time.perf_counter()
+                rows = [row for c in chunks for row in (c[3] or [{}] * len(c[0]))]
                 table = to_table(
                     [p for c in chunks for p in c[0]],
                     [label for c in chunks for label in c[1]],
                     np.concatenate([c[2] for c in chunks]),
                     self.metadata,
+                    extra={name: [row.get(name) for row in rows] for name in self.columns},
+                    label_nullable=self.label_nullable,
                 )
                 write_part(self.split_dir, table, prefix=self.prefix)
                 self.write_s += time.perf_counter() - start

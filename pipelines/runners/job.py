@@ -22,23 +22,29 @@ from pipelines.runners.settings import check_device, check_settings
 from pipelines.runners.summary import save_summary, summarize
 
 if TYPE_CHECKING:
-    from pipelines.data import Listing
     from pipelines.runners.split import Job, Runner
+    from pipelines.sources.files import FileSource
 
 
-def run_job(*, root: Path, splits: list[str], output_dir: Path, model: str, revision: str | None,
+def run_job(*, root: Path | None, splits: list[str], output_dir: Path, model: str, revision: str | None,
            runner: Runner | None, device: str, dtype: str, batch_size: int, compile: bool, num_workers: int | str,
            rows_per_part: int, overwrite: bool, progress: bool, max_image_pixels: int | str | None,
-           shard_index: int, shard_count: int) -> dict[str, Any]:
+           shard_index: int, shard_count: int, source: FileSource | None = None) -> dict[str, Any]:
+    """The embed job over class folders under `root`, or over `source`'s shards (root None)."""
     check_settings(batch_size=batch_size, rows_per_part=rows_per_part, num_workers=num_workers,
                    shard_index=shard_index, shard_count=shard_count, dtype=dtype, device=device,
                    max_image_pixels=max_image_pixels, output_dir=output_dir, compile=compile, overwrite=overwrite,
                    progress=progress)
     check_device(device)
-    store.check_location(output_dir, root=root, splits=splits)
+    if source is not None:
+        for split in splits:
+            source.patterns(split)  # a split without data_files: one line now
+    else:
+        store.check_location(output_dir, root=root, splits=splits)
     store.check_layout(output_dir)
+    protected = [root] if root is not None else []
     if overwrite:
-        store.check_overwrite(output_dir, protected=[root])
+        store.check_overwrite(output_dir, protected=protected)
     store.check_output_dir(output_dir)
     lock = store.lock_output(output_dir, shard_index=shard_index, shard_count=shard_count)
     try:
@@ -49,9 +55,10 @@ def run_job(*, root: Path, splits: list[str], output_dir: Path, model: str, revi
         job = Job(encoder=EncoderSpec(model, revision, device, dtype), root=root, output_dir=output_dir,
                   prefix=f"shard{shard_index}of{shard_count}", batch_size=batch_size, num_workers=num_workers,
                   rows_per_part=rows_per_part, progress=progress, compile=compile,
-                  max_pixels=DEFAULT_MAX_PIXELS if max_image_pixels == "auto" else max_image_pixels)
+                  max_pixels=DEFAULT_MAX_PIXELS if max_image_pixels == "auto" else max_image_pixels,
+                  columns=source.keep_columns if source is not None else (), label_nullable=source is not None)
         return _run_locked(job, splits=splits, runner=runner or _local_runner(), overwrite=overwrite,
-                           shard_index=shard_index, shard_count=shard_count)
+                           shard_index=shard_index, shard_count=shard_count, source=source)
     finally:
         lock.release()
 
@@ -62,23 +69,24 @@ def _local_runner() -> Runner:
 
 
 def _run_locked(job: Job, *, splits: list[str], runner: Runner, overwrite: bool, shard_index: int,
-                shard_count: int) -> dict[str, Any]:
+                shard_count: int, source: FileSource | None) -> dict[str, Any]:
     root, output_dir = job.root, job.output_dir
     store.check_layout(output_dir)  # again under the lock: a conversion may have run in between
     if overwrite:
-        store.clear_output(output_dir, protected=[root])  # checked again under the lock
-    from pipelines.data import scan_split
-
+        store.clear_output(output_dir, protected=[root] if root is not None else [])  # again under the lock
     # Each listing logs its notes (stray files, empty classes, ...); the summary keeps them.
-    listings = {split: scan_split(root, split).shard(index=shard_index, count=shard_count) for split in splits}
+    listings = _list(root, source, splits, shard_index=shard_index, shard_count=shard_count)
     # The checkpoint's identity from its config files: the weights load where the runner computes.
     metadata = job.encoder.metadata()
-    # The root is recorded for readers (validate, notebooks) that look for the images; it is not an identity key.
-    store.prepare_output(output_dir, {**metadata, "dataset_root": str(root.resolve())}, overwrite=False)
+    # Where the images are, for readers (validate, explore) that look for them; not an identity key. A shard
+    # source's kept columns are: every part of one output has the same columns.
+    where = ({"dataset_root": str(root.resolve())} if source is None else
+             {"source": source.describe(), "columns": list(source.keep_columns)})
+    store.prepare_output(output_dir, {**metadata, **where}, overwrite=False)
     before = {split: _part_names(store.split_dir(output_dir, split), job.prefix) for split in splits}
     try:
         return _embed_splits(listings, job=job, metadata=metadata, runner=runner, shard_index=shard_index,
-                             shard_count=shard_count)
+                             shard_count=shard_count, source=source)
     except KeyboardInterrupt as exc:
         # The runner has flushed what it had embedded (write_split); say how much, then exit 130 / 143.
         raise Interrupted(getattr(exc, "signum", signal.SIGINT),
@@ -90,24 +98,58 @@ def _run_locked(job: Job, *, splits: list[str], runner: Runner, overwrite: bool,
         raise Interrupted(signal.SIGTERM, _saved_message(output_dir, before, job.prefix)) from None
 
 
-def _embed_splits(listings: dict[str, Listing], *, job: Job, metadata: dict[str, Any], runner: Runner,
-                  shard_index: int, shard_count: int) -> dict[str, Any]:
+def _list(root: Path | None, source: FileSource | None, splits: list[str], *, shard_index: int,
+          shard_count: int) -> dict[str, Any]:
+    """Each split's listing, this shard's share: class folders' files, or a shard source's units (by unit)."""
+    if source is None:
+        from pipelines.data import scan_split
+
+        return {split: scan_split(root, split).shard(index=shard_index, count=shard_count) for split in splits}
+    from pipelines.data import shard_of
+
+    listings = {}
+    for split in splits:
+        listed = source.list(split)
+        listed.units = [u for u in listed.units if shard_count == 1 or shard_of(u.id, shard_count) == shard_index]
+        listed.failed = [f for f in listed.failed if shard_count == 1 or shard_of(f.id, shard_count) == shard_index]
+        listings[split] = listed
+    return listings
+
+
+def _work(listed: Any, source: FileSource | None) -> Any:
+    """What the runner is given for a split: the folder's records, or the shard source's units."""
+    if source is None:
+        return listed.records
+    from pipelines.runners.stream import Units
+
+    return Units(source, listed.units)
+
+
+def _record_listing(output_dir: Path, split: str, listed: Any) -> int:
+    """Record what the listing found unreadable (names not UTF-8; files with no unit) once; how many were new."""
+    from pipelines.runners.split import record_invalid_names, record_unreadable
+
+    if hasattr(listed, "invalid_names"):
+        return record_invalid_names(store.split_dir(output_dir, split), listed.invalid_names)
+    return record_unreadable(store.split_dir(output_dir, split), listed.failed)
+
+
+def _embed_splits(listings: dict[str, Any], *, job: Job, metadata: dict[str, Any], runner: Runner,
+                  shard_index: int, shard_count: int, source: FileSource | None) -> dict[str, Any]:
     """Run the runner over the splits, then write and return the summary."""
     from pipelines.runners.local import default_workers
-    from pipelines.runners.split import record_invalid_names
 
     start = time.perf_counter()
-    recorded = {split: record_invalid_names(store.split_dir(job.output_dir, split), listed.invalid_names)
-                for split, listed in listings.items()}
-    results = runner(job, {split: listed.records for split, listed in listings.items()})
+    recorded = {split: _record_listing(job.output_dir, split, listed) for split, listed in listings.items()}
+    results = runner(job, {split: _work(listed, source) for split, listed in listings.items()})
     for stats in results:
         stats.errors += recorded[stats.split]
-    summary = summarize(results, time.perf_counter() - start, metadata, job.output_dir,
-                       dataset_root=str(job.root.resolve()), splits=list(listings),
-                       runner=getattr(runner, "func", runner).__module__, shard_index=shard_index,
-                       shard_count=shard_count,
-                       num_workers=default_workers() if job.num_workers == "auto" else int(job.num_workers),
-                       batch_size=job.batch_size, compile=job.compile)
+    where = ({"dataset_root": str(job.root.resolve())} if source is None else {"source": source.describe()})
+    summary = summarize(results, time.perf_counter() - start, metadata, job.output_dir, **where,
+                        splits=list(listings), runner=getattr(runner, "func", runner).__module__,
+                        shard_index=shard_index, shard_count=shard_count,
+                        num_workers=default_workers() if job.num_workers == "auto" else int(job.num_workers),
+                        batch_size=job.batch_size, compile=job.compile)
     summary["listing"] = {split: listed.notes() for split, listed in listings.items()}
     save_summary(store.summary_path(job.output_dir, shard_index=shard_index, shard_count=shard_count), summary)
     return summary

@@ -88,11 +88,25 @@ def run(job: Job, splits: Mapping[str, list[ImageRecord]], *, device_decode: boo
 
     `device_decode`: decode JPEGs on the encoder's device in batches (nvjpeg on CUDA) instead of in the workers.
     """
+    from pipelines.runners.stream import Units, embed_units
+
     encoder = job.encoder.load()
     if job.compile:
         encoder.compile(batch_size=job.batch_size)
-    return [embed_split(encoder, job, split=split, records=records, device_decode=device_decode)
-            for split, records in splits.items()]
+    workers = default_workers() if job.num_workers == "auto" else int(job.num_workers)
+    results = []
+    for split, work in splits.items():
+        if isinstance(work, Units):  # a shard source: workers read whole units (device_decode: files only)
+            results.append(embed_units(encoder, job, split=split, work=work, workers=workers, drain=_drain_units))
+        else:
+            results.append(embed_split(encoder, job, split=split, records=work, device_decode=device_decode))
+    return results
+
+
+def _drain_units(loader, encoder: Encoder, writer: PartWriter, split_dir: Path, stats: SplitStats,
+                 bar: tqdm) -> None:
+    """The batch loop over a shard source's loader, whose batches carry their records."""
+    _loop(loader, encoder, None, writer, split_dir, stats, bar)
 
 
 def embed_split(encoder: Encoder, job: Job, *, split: str, records: list[ImageRecord],
@@ -292,6 +306,7 @@ def _drain(iterator, encoder: Encoder, records: list[ImageRecord], writer: PartW
         pending = launched
         handled.update(batch.indices)
         handled.update(index for index, _ in batch.failed)
+        handled.update(("finished", u) for u in batch.finished)
         bar.update(len(batch.indices) + len(batch.failed))
         stats.model_s += time.perf_counter() - tick
         tick = time.perf_counter()
@@ -376,8 +391,11 @@ def _launch(encoder: Encoder, batch: Batch, copy_stream: Any) -> tuple[Batch, to
     return batch, out, None
 
 
-def _to_device(pixels: torch.Tensor, device: torch.device, copy_stream: Any) -> torch.Tensor:
-    """Pinned uint8 [B, 3, H, W] -> `device`, copied on `copy_stream` so it overlaps the batch computing now."""
+def _to_device(pixels: Any, device: torch.device, copy_stream: Any) -> Any:
+    """Pinned uint8 [B, 3, H, W] (or a dict of them) -> `device`, copied on `copy_stream` so it overlaps the batch
+    computing now."""
+    if isinstance(pixels, dict):
+        return {key: _to_device(value, device, copy_stream) for key, value in pixels.items()}
     if copy_stream is None or pixels.device.type == device.type:
         return pixels
     with torch.cuda.stream(copy_stream):
@@ -388,16 +406,18 @@ def _to_device(pixels: torch.Tensor, device: torch.device, copy_stream: Any) -> 
     return moved
 
 
-def _finish(pending: tuple[Batch, torch.Tensor, Any], todo: list[ImageRecord], writer: PartWriter,
+def _finish(pending: tuple[Batch, torch.Tensor, Any], todo: list[ImageRecord] | None, writer: PartWriter,
             stats: SplitStats) -> None:
     batch, out, event = pending
     if event is not None:
         event.synchronize()
-    rows = [todo[i] for i in batch.indices]
-    writer.add([r.path for r in rows], [r.label for r in rows], out.numpy())
+    rows = batch.records if batch.records is not None else [todo[i] for i in batch.indices]
+    writer.add([r.path for r in rows], [r.label for r in rows], out.numpy(),
+               extra=[getattr(r, "extra", None) or {} for r in rows] if writer.columns else None)
     stats.embedded += len(rows)
 
 
-def _record_failures(batch: Batch, todo: list[ImageRecord], split_dir: Path, stats: SplitStats) -> None:
-    failures = ((todo[index].path, todo[index].label, reason) for index, reason in batch.failed)
+def _record_failures(batch: Batch, todo: list[ImageRecord] | None, split_dir: Path, stats: SplitStats) -> None:
+    rows = batch.failed_records if batch.failed_records is not None else [todo[i] for i, _ in batch.failed]
+    failures = ((row.path, row.label, reason) for row, (_, reason) in zip(rows, batch.failed))
     record_errors(split_dir, failures, stats)

@@ -16,6 +16,7 @@ from pipelines.store import PartWriter
 
 if TYPE_CHECKING:
     from pipelines.data import ImageRecord
+    from pipelines.sources import Failed
     from pipelines.siglip import EncoderSpec
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class Job:
     progress: bool
     max_pixels: int | None
     compile: bool
+    # A shard source's kept columns (stored as text after the embedding) and whether its labels may be missing.
+    columns: tuple[str, ...] = ()
+    label_nullable: bool = False
 
 
 INVALID_NAME = "file name is not valid UTF-8 (Parquet and JSON cannot hold it): rename the file to embed it"
@@ -91,10 +95,13 @@ def start_split(
 
 def write_split(
     split_dir: Path, stats: SplitStats, total: int, *, metadata: dict[str, Any], rows_per_part: int, prefix: str,
-    progress: bool, fill: Callable[[PartWriter, tqdm], None],
+    progress: bool, fill: Callable[[PartWriter, tqdm], None], columns: tuple[str, ...] = (),
+    label_nullable: bool = False,
 ) -> SplitStats:
-    """Run `fill(writer, bar)`, which adds `total` images' rows, then flush the parts; times go into `stats`."""
-    writer = PartWriter(split_dir, metadata=metadata, rows_per_part=rows_per_part, prefix=prefix)
+    """Run `fill(writer, bar)`, which adds `total` images' rows (None: not known up front), then flush the parts;
+    times go into `stats`. `columns`, `label_nullable`: see `Job`."""
+    writer = PartWriter(split_dir, metadata=metadata, rows_per_part=rows_per_part, prefix=prefix, columns=columns,
+                        label_nullable=label_nullable)
     bar = tqdm(total=total, desc=f"embed {stats.split}", unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
@@ -123,5 +130,18 @@ def record_invalid_names(split_dir: Path, invalid: list[ImageRecord]) -> int:
         return 0
     known = {e["path"] for e in store.read_errors(split_dir)}
     new = [{"path": r.path, "label": r.label, "error": INVALID_NAME} for r in invalid if r.path not in known]
+    store.append_errors(split_dir, new)
+    return len(new)
+
+
+def record_unreadable(split_dir: Path, failed: list[Failed]) -> int:
+    """Add a shard source's files that yield no unit (no image column, an unreadable footer) to the split's errors
+    file (once, under the file's name); returns how many were new."""
+    if not failed:
+        return 0
+    known = {e["path"] for e in store.read_errors(split_dir)}
+    new = [{"path": f.id, "label": None, "error": f"SourceDamage: {f.error}"} for f in failed if f.id not in known]
+    for entry in new:
+        log.warning("skipped %s: %s", entry["path"], entry["error"])
     store.append_errors(split_dir, new)
     return len(new)
