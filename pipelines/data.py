@@ -220,7 +220,7 @@ def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
     if size is not None:  # the common case, without PIL: its header parse costs ~6% of a JPEG's decode
         check_size(*size, max_pixels)
         try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return _decode_jpeg_whole(data)
         except RuntimeError:
             pass  # CMYK with an unusual transform, arithmetic coding, truncated, ...: PIL below, or its error
     try:
@@ -236,13 +236,50 @@ def _decode(data: bytes, max_pixels: int | None) -> torch.Tensor:
     with pil:
         width, height = pil.size
         check_size(width, height, max_pixels)
+        if pil.format == "PNG":
+            check_png_data(data, width, height)
         if pil.format in ("JPEG", "MPO"):  # MPO: a camera's JPEG with extra frames
             try:
-                image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-                return image
+                return _decode_jpeg_whole(data)
             except RuntimeError:
                 pass  # CMYK with an unusual transform, arithmetic coding, ...: PIL below, or its error
         return pil_to_tensor(pil)
+
+
+# libjpeg's warning when the entropy-coded data ends before the last block: it fills the rest of the image with
+# gray and reports success, so the warning is the only sign that rows are missing.
+_JPEG_DATA_MISSING = b"premature end of"
+
+
+def _decode_jpeg_whole(data: bytes) -> torch.Tensor:
+    """torchvision's JPEG decoder, refusing (DecodeError) an image it completed with gray for missing data.
+
+    libjpeg writes that warning to the process's stderr and nothing else tells of it: stderr is pointed at a pipe
+    for the call (a few system calls), and what it caught is passed on to the real stderr."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)  # a full pipe drops the rest of a message, never blocks the decoder
+    saved = os.dup(2)
+    try:
+        os.dup2(write_end, 2)
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        finally:
+            os.dup2(saved, 2)
+            os.close(write_end)
+        os.set_blocking(read_end, False)
+        try:
+            said = os.read(read_end, 65536)
+        except BlockingIOError:
+            said = b""
+    finally:
+        os.close(saved)
+        os.close(read_end)
+    if _JPEG_DATA_MISSING in said.lower():
+        raise DecodeError(f"truncated JPEG: {said.decode('utf-8', 'replace').strip().splitlines()[0]} "
+                          "(the decoder filled the missing rows with gray)")
+    if said:
+        os.write(2, said)
+    return image
 
 
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...), which carry the image size; C4, C8 and CC
@@ -274,6 +311,53 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             return None
         pos += 2 + length
     return None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def check_png_data(data: bytes, width: int, height: int) -> None:
+    """Refuse a PNG whose image data holds fewer rows than its header declares (DecodeError).
+
+    PIL decodes such a file without a word, the missing rows black; libpng crashes on some. The IDAT chunks are
+    inflated (no more than the header's size) and their length compared with what the header promises.
+    """
+    pos, ihdr, inflater, got = 8, None, zlib.decompressobj(), 0
+    expected = None
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR" and len(body) >= 13:
+            ihdr = body
+            expected = _png_data_size(width, height, bit_depth=body[8], colour=body[9], interlace=body[12])
+        elif kind == b"IDAT" and expected is not None:
+            got += len(inflater.decompress(body, max(1, expected + 1 - got)))
+            if got >= expected:
+                return
+        elif kind == b"IEND":
+            break
+    if ihdr is None or expected is None:
+        return  # not a PNG this check understands: the decoder gives its own verdict
+    raise DecodeError(f"truncated PNG: its image data holds {got} of the {expected} bytes its {width}x{height} "
+                      "header declares (rows missing)")
+
+
+def _png_data_size(width: int, height: int, *, bit_depth: int, colour: int, interlace: int) -> int | None:
+    """Bytes of filtered image data a PNG header declares (one filter byte per row), or None if unknown."""
+    channels = _PNG_CHANNELS.get(colour)
+    if channels is None:
+        return None
+    bits = channels * bit_depth
+    if not interlace:
+        return height * (1 + (width * bits + 7) // 8)
+    total = 0
+    for x0, y0, dx, dy in _ADAM7:
+        pass_w, pass_h = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if pass_w > 0 and pass_h > 0:
+            total += pass_h * (1 + (pass_w * bits + 7) // 8)
+    return total
 
 
 def bmff_size(data: bytes) -> tuple[int, int] | None:
