@@ -1,8 +1,8 @@
 # make demo: set up .venv, embed data/sample with the tiny model (offline) and validate it with 10-shot k-NN.  make test: the test suite.
 PY ?= python3
 VENV := .venv
-# cpu: faiss-cpu. On a CUDA 12 host use EXTRAS=test,serve,ray,gpu instead (faiss-gpu-cu12; never cpu and gpu both).
-EXTRAS ?= test,serve,ray,cpu
+# cpu: faiss-cpu. On a CUDA 12 host use EXTRAS=test,serve,ray,remote,gpu instead (faiss-gpu-cu12; never cpu and gpu both).
+EXTRAS ?= test,serve,ray,remote,cpu
 
 .PHONY: demo test install clean
 

@@ -43,6 +43,19 @@ def crash_png_bytes() -> bytes:
     return _png(8, 64, stream.compress(rows) + stream.flush(zlib.Z_SYNC_FLUSH))
 
 
+def truncated_rows_png(width: int = 64, height: int = 64) -> bytes:
+    """A well-formed RGB PNG (finished zlib stream, IEND) whose IDAT holds half the rows its header declares.
+
+    PIL decodes it without a word, the missing rows black; it must be an error."""
+    rows = b"".join(b"\x00" + bytes([200]) * width * 3 for _ in range(height // 2))
+    return _png(width, height, zlib.compress(rows))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring width x height RGB with one row of data: refused from its header by the pixel limit."""
+    return _png(width, height, zlib.compress(b"\x00" + bytes(3 * min(width, 16))))
+
+
 def write_crash_png(path: Path) -> Path:
     path.write_bytes(crash_png_bytes())
     return path

@@ -176,3 +176,11 @@ S3_OPTIONS = {"key": "testing", "secret": "testing"}
 
 def s3_options(endpoint: str) -> dict:
     return {**S3_OPTIONS, "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+
+
+def create_bucket(endpoint: str, name: str) -> None:
+    """A bucket on the S3 server at `endpoint` (us-east-1: no location constraint)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=name)
