@@ -11,13 +11,14 @@ Ray is an optional extra (`.[ray]`), so it is imported inside the functions that
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +66,21 @@ def run(
     decode tasks run at once ('auto': every CPU of the cluster the actors leave free). `address`, `num_cpus`,
     `object_store_memory`, `log_to_driver` go to `connect`; the actors' settings to `resolve_actors`.
     """
+    from pipelines.runners.stream import Units, skip_sets
+
     check_workers(job.num_workers)
     preprocess, metadata = job.encoder.preprocess(), job.encoder.metadata()
     results = []
     for split, records in splits.items():
-        split_dir, todo, stats = start_split(job.output_dir, split, records, job.prefix)
+        if isinstance(records, Units):  # a shard source: one decode task per unit, skipping what is done
+            split_dir = store.split_dir(job.output_dir, split)
+            store.remove_stale_tmp(split_dir, job.prefix)
+            done = store.done_paths(split_dir)
+            skip, todo = skip_sets(records.units, done)
+            stats = SplitStats(split=split, already_done=len(done))
+            todo = UnitWork(records.source, todo, skip)
+        else:
+            split_dir, todo, stats = start_split(job.output_dir, split, records, job.prefix)
         results.append(stats)
         if not todo:
             continue
@@ -77,14 +88,35 @@ def run(
                 log_to_driver=log_to_driver)
         gpus, actors = resolve_actors(num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
                                       num_cpus_per_actor=num_cpus_per_actor)
-        log.info("%s: %d images on Ray, %d encoder actor(s) with %s GPU and %s CPU each",
-                 split, len(todo), actors, gpus, num_cpus_per_actor)
+        log.info("%s: %d %s on Ray, %d encoder actor(s) with %s GPU and %s CPU each",
+                 split, len(todo), "shard unit(s)" if isinstance(todo, UnitWork) else "images", actors, gpus,
+                 num_cpus_per_actor)
         dataset = build_dataset(todo, job=job, preprocess=preprocess, metadata=metadata, num_actors=actors,
                                 num_gpus_per_actor=gpus, num_cpus_per_actor=num_cpus_per_actor)
-        write_split(split_dir, stats, len(todo), metadata=metadata, rows_per_part=job.rows_per_part,
-                    prefix=job.prefix, progress=job.progress,
+        write_split(split_dir, stats, todo.total if isinstance(todo, UnitWork) else len(todo), metadata=metadata,
+                    rows_per_part=job.rows_per_part, prefix=job.prefix, progress=job.progress,
+                    columns=job.columns, label_nullable=job.label_nullable,
                     fill=lambda writer, bar, d=dataset, s=split_dir, st=stats: _drain(d, writer, s, st, bar))
+        if isinstance(todo, UnitWork):
+            stats.listed = stats.already_done + stats.embedded + stats.errors
     return results
+
+
+@dataclass(frozen=True)
+class UnitWork:
+    """A shard source's units left to read, and per unit name the paths to skip (done before)."""
+
+    source: Any
+    units: list
+    skip: dict[str, set[str]]
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    @property
+    def total(self) -> int | None:
+        known = [u.rows for u in self.units]
+        return None if None in known else sum(known) - sum(len(self.skip.get(u.name, ())) for u in self.units)
 
 
 def decode_tasks(num_workers: int | str) -> int | None:
@@ -147,7 +179,7 @@ def resolve_actors(
 
 
 def build_dataset(
-    records: list[ImageRecord], *, job: Job, preprocess: Preprocess, metadata: dict[str, Any], num_actors: int,
+    records: list[ImageRecord] | UnitWork, *, job: Job, preprocess: Preprocess, metadata: dict[str, Any], num_actors: int,
     num_gpus_per_actor: float, num_cpus_per_actor: float,
 ):
     """The lazy pipeline: listing blocks -> decode + resize (CPU tasks) -> embed (actor pool).
@@ -159,18 +191,26 @@ def build_dataset(
     import ray.data
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-    table = pa.table({"path": [r.path for r in records], "label": [r.label for r in records]})
-    step = _rows_per_task(len(records), job.batch_size, int(ray.cluster_resources().get("CPU", 1)))
-    listing = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(records), step)])
     pixels = preprocess.height * preprocess.width * 3
-    decoded = listing.map_batches(
-        decode_batch, batch_size=job.batch_size, batch_format="numpy", num_cpus=1,
-        compute=TaskPoolStrategy(size=decode_tasks(job.num_workers)),
-        # Also keeps Ray from fusing the decode into the actors (it fuses equal resource requests only), which
-        # would serialise decoding behind the model.
-        memory=DECODE_BASE_MEMORY + DECODE_MEMORY_FACTOR * job.batch_size * pixels,
-        fn_kwargs={"root": str(job.root), "preprocess": preprocess, "max_pixels": job.max_pixels},
-    )
+    # Also keeps Ray from fusing the decode into the actors (it fuses equal resource requests only), which would
+    # serialise decoding behind the model.
+    decode_options = {"batch_format": "numpy", "num_cpus": 1, "compute": TaskPoolStrategy(size=decode_tasks(
+        job.num_workers)), "memory": DECODE_BASE_MEMORY + DECODE_MEMORY_FACTOR * job.batch_size * pixels}
+    if isinstance(records, UnitWork):  # one block, and so one task, per unit: each read whole, in order
+        listing = ray.data.from_items([{"unit": k} for k in range(len(records.units))],
+                                      override_num_blocks=len(records.units))
+        decoded = listing.map_batches(
+            read_units, batch_size=1, **decode_options,
+            fn_kwargs={"work": records, "preprocess": preprocess, "max_pixels": job.max_pixels,
+                       "batch_size": job.batch_size, "columns": job.columns})
+    else:
+        table = pa.table({"path": [r.path for r in records], "label": [r.label for r in records]})
+        step = _rows_per_task(len(records), job.batch_size, int(ray.cluster_resources().get("CPU", 1)))
+        listing = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(records), step)])
+        decoded = listing.map_batches(
+            decode_batch, batch_size=job.batch_size, **decode_options,
+            fn_kwargs={"root": str(job.root), "preprocess": preprocess, "max_pixels": job.max_pixels},
+        )
     # The actors load the checkpoint the driver describes, on their own device, in the dtype it records.
     spec = replace(job.encoder, device="cuda" if num_gpus_per_actor > 0 else "cpu", dtype=metadata["dtype"])
     return decoded.map_batches(
@@ -210,6 +250,50 @@ def decode_batch(batch: dict[str, np.ndarray], *, root: str, preprocess: Preproc
     return {"path": batch["path"], "label": batch["label"], "pixels": pixels, "error": np.array(errors, object)}
 
 
+def read_units(batch: dict[str, np.ndarray], *, work: UnitWork, preprocess: Preprocess, max_pixels: int | None,
+               batch_size: int, columns: tuple[str, ...]):
+    """One unit (`batch["unit"]`, a single index into `work.units`) -> batches of its records not done before:
+    path, label, pixels uint8 [B, 3, H, W] (zeros on failure), error ('' if none), extra (the kept columns as
+    JSON). Decoded by this worker's `IsolatedDecoder`, as `decode_batch` does; a damaged unit ends with one row
+    under the unit's id."""
+    from pipelines.sources import Record, SourceDamage
+
+    unit = work.units[int(batch["unit"][0])]
+    skip = work.skip.get(unit.name, set())
+    chunk: list[Record] = []
+    records = (r for r in work.source.read(unit) if r.path not in skip)
+    while True:
+        try:
+            record = next(records, None)
+        except SourceDamage as exc:
+            record = Record(unit.id, None, error=f"SourceDamage: {exc}")
+            chunk.append(record)
+            break
+        if record is None:
+            break
+        chunk.append(record)
+        if len(chunk) == batch_size:
+            yield _decode_records(chunk, preprocess, max_pixels, columns)
+            chunk = []
+    if chunk:
+        yield _decode_records(chunk, preprocess, max_pixels, columns)
+
+
+def _decode_records(chunk: list, preprocess: Preprocess, max_pixels: int | None,
+                    columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    pixels = np.zeros((len(chunk), 3, preprocess.height, preprocess.width), np.uint8)
+    errors = [r.error or "" for r in chunk]
+    blobs = {i: r.data for i, r in enumerate(chunk) if r.error is None}
+    for i, result in zip(blobs, _decoder(preprocess, max_pixels).decode_many(list(blobs.values()))):
+        if isinstance(result, Exception):
+            errors[i] = failure_reason(result)
+        else:
+            pixels[i] = result.numpy()
+    return {"path": np.array([r.path for r in chunk], object), "label": np.array([r.label for r in chunk], object),
+            "pixels": pixels, "error": np.array(errors, object),
+            "extra": np.array([json.dumps({c: r.extra.get(c) for c in columns}) for r in chunk], object)}
+
+
 _DECODERS: dict[str, IsolatedDecoder] = {}
 
 
@@ -244,8 +328,11 @@ class EmbedActor:
             embeddings[ok] = self.encoder.embed_uint8(torch.from_numpy(batch["pixels"][ok])).cpu().numpy()
         # The batch's model time spread over its rows, so that any regrouping of rows keeps the total.
         model_s = np.full(len(ok), (time.perf_counter() - start) / max(1, len(ok)))
-        return {"path": batch["path"], "label": batch["label"], "error": batch["error"],
-                "embedding": embeddings, "model_s": model_s}
+        out = {"path": batch["path"], "label": batch["label"], "error": batch["error"], "embedding": embeddings,
+               "model_s": model_s}
+        if "extra" in batch:
+            out["extra"] = batch["extra"]
+        return out
 
 
 def _drain(dataset, writer: PartWriter, split_dir: Path, stats: SplitStats, bar: tqdm) -> None:
@@ -255,10 +342,12 @@ def _drain(dataset, writer: PartWriter, split_dir: Path, stats: SplitStats, bar:
         stats.read_s += time.perf_counter() - tick
         failed = batch["error"] != ""
         failures = zip(batch["path"][failed], batch["label"][failed], batch["error"][failed])
-        record_errors(split_dir, ((str(p), str(label), str(e)) for p, label, e in failures), stats)
+        record_errors(split_dir, ((str(p), None if label is None else str(label), str(e))
+                                  for p, label, e in failures), stats)
         ok = ~failed
         if ok.any():
-            writer.add(batch["path"][ok].tolist(), batch["label"][ok].tolist(), batch["embedding"][ok])
+            extra = [json.loads(e) for e in batch["extra"][ok]] if "extra" in batch else None
+            writer.add(batch["path"][ok].tolist(), batch["label"][ok].tolist(), batch["embedding"][ok], extra=extra)
         stats.embedded += int(ok.sum())
         stats.model_s += float(batch["model_s"].sum())
         bar.update(len(failed))

@@ -13,12 +13,14 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 import pytest
@@ -236,3 +238,33 @@ def test_runner_config_group_binds_plain_settings(compose_cfg, choice, target):
     runner = instantiate(cfg.runner, _convert_="all")
     assert isinstance(runner, functools.partial) and runner.func.__module__ == target
     assert all(isinstance(v, (str, int, float, bool, type(None))) for v in runner.keywords.values())
+
+
+@pytest.mark.job
+def test_ray_reads_shards_as_the_local_runner_does(ray_cluster, tmp_path):
+    from helpers import shards
+    from helpers.shards import add_member, sample_files
+
+    from pipelines.sources.files import FileSource
+
+    files = sample_files("valid")[:60]
+    shards.write_img2dataset_webdataset(tmp_path / "wds", files, per_shard=25)
+    with tarfile.open(tmp_path / "wds" / "00003.tar", "w") as tar:  # a hostile shard: one good, one not an image
+        add_member(tar, "good.png", files[0].read_bytes())
+        add_member(tar, "bad.png", b"not a png")
+    source = FileSource.build(data_files={"train": str(tmp_path / "wds" / "*.tar")}, storage_options=None,
+                              format="auto", image_extensions=["png"], image_column="auto", label="auto",
+                              keep_columns=["key", "caption"], retries=1)
+    settings = {**JOB, "splits": ["train"], "source": source, "root": None}
+    local = run_embed(output_dir=tmp_path / "local", **settings)
+    on_ray = run_embed(output_dir=tmp_path / "ray", runner=ray_runner_for_tests(), **settings)
+    assert on_ray["images"] == local["images"] == 61 and on_ray["errors"] == local["errors"] == 1
+    a, b = pd.read_parquet(tmp_path / "local"), pd.read_parquet(tmp_path / "ray")
+    a, b = a.set_index("path").sort_index(), b.set_index("path").sort_index()
+    assert list(a.index) == list(b.index)
+    assert a[["label", "key", "caption"]].fillna("-").equals(b[["label", "key", "caption"]].fillna("-"))
+    assert pd.isna(a.loc["00003.tar/good"].label) and a.label.notna().sum() == 60  # a shard without cls members
+    assert np.allclose(np.stack(a.embedding.to_numpy()), np.stack(b.embedding.to_numpy()), atol=1e-5)
+    assert sorted_errors(tmp_path / "ray", "train") == sorted_errors(tmp_path / "local", "train")
+    again = run_embed(output_dir=tmp_path / "ray", runner=ray_runner_for_tests(), **settings)
+    assert again["images"] == again["errors"] == 0
