@@ -112,15 +112,17 @@ class Storage:
         protocol = pattern.split("://", 1)[0]
         return [f"{protocol}://{p.split('://', 1)[-1]}" for p in fs.glob(path)]
 
-    def open(self, url: str) -> RetryingReader:
-        """`url` as a binary stream (sequential reads and seeks) that retries a failed read (`retries` times, with
-        exponential backoff), resuming at the byte it had reached."""
+    def open(self, url: str, *, streaming: bool = False) -> RetryingReader:
+        """`url` as a binary stream that retries a failed read (`retries` times, with exponential backoff),
+        resuming at the byte it had reached. `streaming`: read from start to end only, as one HTTP response
+        (servers without range requests serve it too; a retry then reads up to the byte reached again)."""
         if not is_url(url):
             return RetryingReader(url, lambda: open(url, "rb"), retries=0, backoff_s=0)
+        plain_http = streaming and url.startswith(("http://", "https://"))
 
         def opener() -> IO[bytes]:
             fs, path = self.filesystem(url)
-            return fs.open(path, "rb")
+            return fs.open(path, "rb", block_size=0) if plain_http else fs.open(path, "rb")
 
         return RetryingReader(url, opener, retries=self.retries, backoff_s=self.backoff_s)
 
@@ -189,7 +191,7 @@ class RetryingReader(io.RawIOBase):
                 if self._file is None:
                     self._file = self._opener()
                     if self.pos:
-                        self._file.seek(self.pos)
+                        _seek_or_skip(self._file, self.pos)
                 return action(self._file)
             except _FINAL:
                 raise
@@ -211,6 +213,21 @@ class RetryingReader(io.RawIOBase):
                 file.close()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _seek_or_skip(file: IO[bytes], pos: int) -> None:
+    """Move a freshly opened file to `pos`: a seek, or for a stream that cannot seek, reading up to it."""
+    try:
+        file.seek(pos)
+        return
+    except (ValueError, OSError, NotImplementedError):
+        pass
+    left = pos
+    while left > 0:
+        chunk = file.read(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError(f"the file ended at byte {pos - left} on reopening, before byte {pos}")
+        left -= len(chunk)
 
 
 def local_path(name: str) -> Path | None:

@@ -151,7 +151,7 @@ class WebDatasetFormat:
     def read(self, unit: Unit, storage: Storage) -> Iterator[Record]:
         """The unit's records in shard order; SourceDamage after the last good sample when the shard breaks."""
         try:
-            with storage.open(unit.url) as raw:
+            with storage.open(unit.url, streaming=True) as raw:
                 stream = gzip.GzipFile(fileobj=raw) if unit.url.endswith((".gz", ".tgz")) else raw
                 yield from self._samples(unit, iter_members(stream))
         except TarDamage as exc:
