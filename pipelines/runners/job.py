@@ -144,6 +144,8 @@ def _embed_splits(listings: dict[str, Any], *, job: Job, metadata: dict[str, Any
     results = runner(job, {split: _work(listed, source) for split, listed in listings.items()})
     for stats in results:
         stats.errors += recorded[stats.split]
+        if source is not None:
+            stats.damaged_units += recorded[stats.split]
     where = ({"dataset_root": str(job.root.resolve())} if source is None else {"source": source.describe()})
     summary = summarize(results, time.perf_counter() - start, metadata, job.output_dir, **where,
                         splits=list(listings), runner=getattr(runner, "func", runner).__module__,

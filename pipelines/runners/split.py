@@ -47,6 +47,7 @@ class Job:
     label_nullable: bool = False
 
 
+DAMAGED = "SourceDamage:"  # the reason's start for a unit not read to its end
 INVALID_NAME = "file name is not valid UTF-8 (Parquet and JSON cannot hold it): rename the file to embed it"
 
 
@@ -70,6 +71,8 @@ class SplitStats:
     write_s: float = 0.0
     wall_s: float = 0.0
     first_batch_s: float = 0.0
+    # Shard units (a tar, a row group, a file) not read to their end: recorded whole under their own name.
+    damaged_units: int = 0
 
     @property
     def images_per_s(self) -> float:
@@ -122,6 +125,7 @@ def record_errors(split_dir: Path, failures: Iterable[tuple[str, str, str]], sta
         errors.append({"path": path, "label": label, "error": reason})
     store.append_errors(split_dir, errors)
     stats.errors += len(errors)
+    stats.damaged_units += sum(e["error"].startswith(DAMAGED) for e in errors)
 
 
 def record_invalid_names(split_dir: Path, invalid: list[ImageRecord]) -> int:
@@ -140,7 +144,7 @@ def record_unreadable(split_dir: Path, failed: list[Failed]) -> int:
     if not failed:
         return 0
     known = {e["path"] for e in store.read_errors(split_dir)}
-    new = [{"path": f.id, "label": None, "error": f"SourceDamage: {f.error}"} for f in failed if f.id not in known]
+    new = [{"path": f.id, "label": None, "error": f"{DAMAGED} {f.error}"} for f in failed if f.id not in known]
     for entry in new:
         log.warning("skipped %s: %s", entry["path"], entry["error"])
     store.append_errors(split_dir, new)

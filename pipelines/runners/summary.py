@@ -38,6 +38,7 @@ def summarize(results: list[SplitStats], wall_s: float, metadata: dict[str, Any]
         "settings": settings,
         "images": embedded,
         "errors": sum(r.errors for r in results),
+        "damaged_units": sum(r.damaged_units for r in results),
         "already_done": sum(r.already_done for r in results),
         "wall_s": round(wall_s, 3),
         "images_per_s": round(embedded / wall_s, 2) if wall_s > 0 else 0.0,
@@ -63,6 +64,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"in {summary['wall_s']:.1f} s (waiting on reads {summary['read_s']:.1f} s, model "
             f"{summary['model_s']:.1f} s, writing {summary['write_s']:.1f} s in background) -> {summary['output_dir']}"
         )
+    if summary.get("damaged_units"):
+        lines.append(f"{summary['damaged_units']} shard(s) or row group(s) could not be read to their end (a damaged "
+                     "file or a remote read that failed after its retries): the rows before the damage are stored, "
+                     "the rest is recorded under the shard's name (SourceDamage)")
     if summary["errors"]:
         lines.append(f"undecodable files are listed in {store.split_dir(summary['output_dir'], '<split>')}/"
                      f"{store.ERRORS}")

@@ -56,6 +56,20 @@ def png_header_only(width: int, height: int) -> bytes:
     return _png(width, height, zlib.compress(b"\x00" + bytes(3 * min(width, 16))))
 
 
+def write_short_rows_png(path: Path) -> Path:
+    path.write_bytes(truncated_rows_png())
+    return path
+
+
+def write_gray_filled_jpeg(path: Path, source: Path) -> Path:
+    """A JPEG whose entropy-coded data stops half-way, then its end marker: libjpeg fills the rest with gray and
+    reports success (a warning on stderr only)."""
+    data = _jpeg_of(source)
+    scan = data.index(b"\xff\xda")
+    path.write_bytes(data[: scan + (len(data) - scan) // 2] + b"\xff\xd9")
+    return path
+
+
 def write_crash_png(path: Path) -> Path:
     path.write_bytes(crash_png_bytes())
     return path
@@ -215,6 +229,8 @@ HOSTILE = {
     "truncated.JPEG": r"truncated|cannot decode",
     "empty.JPEG": r"empty file",
     "notes.txt": r"not an image",
+    "short_rows.png": r"truncated PNG: its image data holds \d+ of the \d+ bytes",
+    "gray_filled.JPEG": r"truncated JPEG: .*premature end of data segment",
 }
 # Odd but valid files: embedded like any other image.
 GOOD_EXTRA = ["gray16.png", "rgb16.png", "png_named.JPEG", "cmyk.JPEG"]
@@ -242,6 +258,8 @@ def build_mixed_folder(root: Path, *, sample: Path = SAMPLE, per_class: int = 3,
     if bomb:
         write_bomb_png(hostile_dir / "bomb.png")
     write_truncated_jpeg(hostile_dir / "truncated.JPEG", source)
+    write_short_rows_png(hostile_dir / "short_rows.png")
+    write_gray_filled_jpeg(hostile_dir / "gray_filled.JPEG", source)
     write_empty(hostile_dir / "empty.JPEG")
     write_text(hostile_dir / "notes.txt")
     write_gray16_png(hostile_dir / "gray16.png")

@@ -168,12 +168,12 @@ def test_hostile_shards_cost_only_themselves(tmp_path):
     assert set(errors) == set(tar_errors)
     for path, reason in tar_errors.items():
         assert errors[path].startswith(reason), (path, errors[path])
-    assert tars["images"] == good and tars["errors"] == len(tar_errors)
+    assert tars["images"] == good and tars["errors"] == len(tar_errors) and tars["damaged_units"] == 1
     parquet = embed(files_source({"train": str(tmp_path / "shards" / "*.parquet")}), tmp_path / "out-pq")
     errors = {e["path"]: e["error"] for e in store.read_errors(store.split_dir(tmp_path / "out-pq", "train"))}
     assert errors["d-noimage.parquet"].startswith(expected["d-noimage.parquet"])
     assert "columns: key (string), url (string)" in errors["d-noimage.parquet"]
-    assert parquet["errors"] == 1 and parquet["images"] == 0
+    assert parquet["errors"] == parquet["damaged_units"] == 1 and parquet["images"] == 0
     again = embed(src, tmp_path / "out")  # recorded once: nothing to redo, nothing recorded twice
     assert again["images"] == again["errors"] == 0
 
@@ -218,6 +218,7 @@ def test_the_issues_command_lines_over_http_and_s3(tmp_path):
         assert missing.returncode == 0, missing.stderr[-2000:]
         errors = store.read_errors(store.split_dir(tmp_path / "missing", "train"))
         assert [e["path"] for e in errors] == ["00004.tar"] and "SourceDamage" in errors[0]["error"]
+        assert "1 shard(s) or row group(s) could not be read to their end" in missing.stdout
     import s3fs
 
     with shards.s3_server() as endpoint:

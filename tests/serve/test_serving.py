@@ -246,11 +246,13 @@ def hostile_images(photo_bytes) -> dict[str, tuple[bytes, str]]:
     """Hostile files as a scraped folder has them, and the reason embed_image must give for each."""
     jpeg = photo_bytes["rgb.jpg"]
     return {
-        "crash png": (hostile_files.crash_png_bytes(), r"IMAGE\[0\]: (cannot decode image|decoder crashed)"),
+        "crash png": (hostile_files.crash_png_bytes(), r"IMAGE\[0\]: (truncated PNG|cannot decode image|decoder crashed)"),
         "bomb 30000x30000": (bomb_png(), r"IMAGE\[0\]: too large: 30000x30000 \(limit 25000000 pixels\)"),
         "truncated jpeg": (jpeg[: len(jpeg) // 3], r"IMAGE\[0\]: (cannot decode image|.*truncated)"),
         "empty": (b"", r"IMAGE\[0\]: empty file"),
         "text": (b"hello, this is not an image\n", r"IMAGE\[0\]: not an image"),
+        "png short of rows": (hostile_files.truncated_rows_png(), r"IMAGE\[0\]: truncated PNG"),
+        "jpeg filled with gray": (jpeg[: len(jpeg) // 2] + b"\xff\xd9", r"IMAGE\[0\]: truncated JPEG"),
     }
 
 
@@ -274,7 +276,8 @@ def stub_pids(server: Launched) -> dict[str, list[int]]:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("case", ["crash png", "bomb 30000x30000", "truncated jpeg", "empty", "text"])
+@pytest.mark.parametrize("case", ["crash png", "bomb 30000x30000", "truncated jpeg", "empty", "text",
+                                  "png short of rows", "jpeg filled with gray"])
 def test_hostile_image_gets_400_and_kills_nothing(server, hostile_images, case, photo_bytes, encoder):
     data, reason = hostile_images[case]
     stubs = stub_pids(server)
