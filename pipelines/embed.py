@@ -73,7 +73,8 @@ def main(cfg: DictConfig) -> None:
     summary = run_embed(
         root=cfg.dataset.root, splits=list(cfg.splits), output_dir=cfg.output_dir, model=cfg.model.name_or_path,
         revision=cfg.model.revision, runner=instantiate(cfg.runner, _convert_="all"), shard_index=cfg.shard.index,
-        shard_count=cfg.shard.count, source=source, **{key: cfg[key] for key in SETTINGS},
+        shard_count=cfg.shard.count, source=source,
+        **{key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key] for key in SETTINGS},
     )
     print(format_summary(summary))
     log.debug("summary %s", json.dumps(summary))

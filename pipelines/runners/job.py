@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from pipelines import store
 from pipelines.config import CONF_DIR
-from pipelines.errors import Interrupted
+from pipelines.errors import Interrupted, UserError
 from pipelines.runners.settings import check_device, check_settings
 from pipelines.runners.summary import save_summary, summarize
 
@@ -36,6 +36,10 @@ def run_job(*, root: Path | None, splits: list[str], output_dir: Path, model: st
                    max_image_pixels=max_image_pixels, output_dir=output_dir, compile=compile, overwrite=overwrite,
                    progress=progress)
     check_device(device)
+    from pipelines.devices import job_devices
+
+    devices = job_devices(device)
+    check_devices(devices, device=device, runner=runner)
     if source is not None:
         for split in splits:
             source.patterns(split)  # a split without data_files: one line now
@@ -52,15 +56,47 @@ def run_job(*, root: Path | None, splits: list[str], output_dir: Path, model: st
         from pipelines.runners.split import Job
         from pipelines.siglip import EncoderSpec
 
-        job = Job(encoder=EncoderSpec(model, revision, device, dtype), root=root, output_dir=output_dir,
+        job = Job(encoder=EncoderSpec(model, revision, devices[0], dtype), root=root, output_dir=output_dir,
                   prefix=f"shard{shard_index}of{shard_count}", batch_size=batch_size, num_workers=num_workers,
                   rows_per_part=rows_per_part, progress=progress, compile=compile,
                   max_pixels=DEFAULT_MAX_PIXELS if max_image_pixels == "auto" else max_image_pixels,
-                  columns=source.keep_columns if source is not None else (), label_nullable=source is not None)
+                  columns=source.keep_columns if source is not None else (), label_nullable=source is not None,
+                  threads=encoder_threads(num_workers, devices=len(devices)))
         return _run_locked(job, splits=splits, runner=runner or _local_runner(), overwrite=overwrite,
-                           shard_index=shard_index, shard_count=shard_count, source=source)
+                           shard_index=shard_index, shard_count=shard_count, source=source, devices=devices)
     finally:
         lock.release()
+
+
+def check_devices(devices: list[str], *, device: Any, runner: Runner | None) -> None:
+    """Refuse several devices where they cannot work together (UserError naming the setting)."""
+    if len(devices) < 2:
+        return
+    if runner is not None and getattr(runner, "func", runner).__module__ != "pipelines.runners.local":
+        raise UserError(f"device={device}: one encoder process per device is the local runner's; runner=ray "
+                        "places its actors on the cluster's GPUs itself (runner.num_actors)")
+    if len({d.partition(":")[0] for d in devices}) > 1:
+        raise UserError(f"device={device}: one kind of device per job (the dtype and so the embeddings would "
+                        "differ between them)")
+
+
+def workers_per_device(num_workers: int | str, devices: int) -> int | str:
+    """Decode workers of each device's process: auto = the cores split between the devices; a number as given."""
+    if num_workers != "auto" or devices < 2:
+        return num_workers
+    from pipelines.runners.local import default_workers
+
+    return max(1, (default_workers() + 1) // devices - 1)
+
+
+def encoder_threads(num_workers: int | str, *, devices: int) -> int:
+    """An encoder on the CPU: the cores of its share less its decode workers, at least one."""
+    import os
+
+    cores = max(1, len(os.sched_getaffinity(0)) // devices)
+    workers = workers_per_device(num_workers, devices)
+    busy = cores - 1 if workers == "auto" else int(workers)
+    return max(1, cores - busy)
 
 
 def _local_runner() -> Runner:
@@ -69,7 +105,7 @@ def _local_runner() -> Runner:
 
 
 def _run_locked(job: Job, *, splits: list[str], runner: Runner, overwrite: bool, shard_index: int,
-                shard_count: int, source: FileSource | None) -> dict[str, Any]:
+                shard_count: int, source: FileSource | None, devices: list[str]) -> dict[str, Any]:
     root, output_dir = job.root, job.output_dir
     store.check_layout(output_dir)  # again under the lock: a conversion may have run in between
     if overwrite:
@@ -86,7 +122,7 @@ def _run_locked(job: Job, *, splits: list[str], runner: Runner, overwrite: bool,
     before = {split: _part_names(store.split_dir(output_dir, split), job.prefix) for split in splits}
     try:
         return _embed_splits(listings, job=job, metadata=metadata, runner=runner, shard_index=shard_index,
-                             shard_count=shard_count, source=source)
+                             shard_count=shard_count, source=source, devices=devices)
     except KeyboardInterrupt as exc:
         # The runner has flushed what it had embedded (write_split); say how much, then exit 130 / 143.
         raise Interrupted(getattr(exc, "signum", signal.SIGINT),
@@ -135,13 +171,23 @@ def _record_listing(output_dir: Path, split: str, listed: Any) -> int:
 
 
 def _embed_splits(listings: dict[str, Any], *, job: Job, metadata: dict[str, Any], runner: Runner,
-                  shard_index: int, shard_count: int, source: FileSource | None) -> dict[str, Any]:
-    """Run the runner over the splits, then write and return the summary."""
+                  shard_index: int, shard_count: int, source: FileSource | None,
+                  devices: list[str]) -> dict[str, Any]:
+    """Run the runner over the splits (once per device when there are several), then write and return the
+    summary; a device that failed is reported once the summary is saved."""
     from pipelines.runners.local import default_workers
 
     start = time.perf_counter()
     recorded = {split: _record_listing(job.output_dir, split, listed) for split, listed in listings.items()}
-    results = runner(job, {split: _work(listed, source) for split, listed in listings.items()})
+    work = {split: _work(listed, source) for split, listed in listings.items()}
+    per_device = None
+    if len(devices) > 1:
+        from pipelines.runners.multi import run_on_devices
+
+        results, per_device = run_on_devices(job, work, devices=devices, runner=runner,
+                                             workers_each=workers_per_device(job.num_workers, len(devices)))
+    else:
+        results = runner(job, work)
     for stats in results:
         stats.errors += recorded[stats.split]
         if source is not None:
@@ -153,8 +199,27 @@ def _embed_splits(listings: dict[str, Any], *, job: Job, metadata: dict[str, Any
                         num_workers=default_workers() if job.num_workers == "auto" else int(job.num_workers),
                         batch_size=job.batch_size, compile=job.compile)
     summary["listing"] = {split: listed.notes() for split, listed in listings.items()}
+    if per_device is not None:
+        summary["devices"] = [_device_row(r) for r in per_device]
     save_summary(store.summary_path(job.output_dir, shard_index=shard_index, shard_count=shard_count), summary)
+    failed = [r for r in per_device or [] if r.error is not None]
+    if failed:
+        from pipelines.runners.multi import DeviceFailedError
+
+        saved = summary["images"]
+        raise DeviceFailedError(
+            "; ".join(f"device {r.device} failed: {r.error}" for r in failed)
+            + f"; the other device(s) finished, {saved} rows were saved in all in {job.output_dir}: rerun the same "
+            "command to embed what is missing (nothing is embedded twice)")
     return summary
+
+
+def _device_row(result: Any) -> dict[str, Any]:
+    embedded = sum(s.embedded for s in result.stats)
+    wall = max((s.wall_s for s in result.stats), default=0.0)
+    return {"device": result.device, "images": embedded, "errors": sum(s.errors for s in result.stats),
+            "wall_s": round(wall, 3), "images_per_s": round(embedded / wall, 2) if wall > 0 else 0.0,
+            "failed": result.error}
 
 
 def _part_names(split_dir: Path, prefix: str) -> set[str]:

@@ -91,6 +91,8 @@ def run(job: Job, splits: Mapping[str, list[ImageRecord]], *, device_decode: boo
     from pipelines.runners.stream import Units, embed_units
 
     encoder = job.encoder.load()
+    if encoder.device.type == "cpu" and job.threads is not None:
+        torch.set_num_threads(job.threads)
     if job.compile:
         encoder.compile(batch_size=job.batch_size)
     workers = default_workers() if job.num_workers == "auto" else int(job.num_workers)

@@ -38,14 +38,23 @@ def check_settings(
         raise UserError(f"shard.index={_show(shard_index)}: expected 0 to {shard_count - 1} (shard.count={shard_count})")
     if dtype not in DTYPES:
         raise UserError(f"dtype={_show(dtype)}: expected one of {', '.join(DTYPES)}")
-    if not isinstance(device, str) or not _DEVICE.match(device) or device.startswith("auto:"):
-        raise UserError(f"device={_show(device)}: expected auto, cpu, cuda, cuda:N or mps")
+    devices = [device] if isinstance(device, str) else device
+    if not isinstance(devices, (list, tuple)) or not devices or not all(map(_one_device, devices)) or (
+            not isinstance(device, str) and "auto" in devices):
+        raise UserError(f"device={_show(device)}: expected auto, cpu, cuda, cuda:N or mps, or a list of them "
+                        "([cuda:0,cuda:2]: one encoder process each)")
+    if len(devices) > 1 and len(set(devices)) < len(devices) and any(d.startswith("cuda") for d in devices):
+        raise UserError(f"device={_show(device)}: a CUDA device is named twice")
     if max_image_pixels not in ("auto", None) and (not _is_int(max_image_pixels) or max_image_pixels < 1):
         raise UserError(f"max_image_pixels={_show(max_image_pixels)}: expected a whole number of at least 1, "
                         "or null for no limit")
     if flags.get("overwrite") and shard_count > 1:
         raise UserError("overwrite=true with shard.count > 1 would let shards delete each other's work; "
                         f"remove {output_dir} once, then start the shards")
+
+
+def _one_device(device: Any) -> bool:
+    return isinstance(device, str) and bool(_DEVICE.match(device)) and not device.startswith("auto:")
 
 
 def _show(value: Any) -> str:
@@ -57,8 +66,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_device(device: str) -> None:
-    """Refuse a device this host does not have (UserError): `cuda` without CUDA, `cuda:3` with one GPU."""
+def check_device(device: str | list[str]) -> None:
+    """Refuse a device this host does not have (UserError): `cuda` without CUDA, `cuda:3` with one GPU; each of a
+    list; and `auto` on a host whose NVIDIA GPUs torch cannot use (`devices.check_gpu_host`)."""
+    if not isinstance(device, str):
+        for one in device:
+            check_device(one)
+        return
+    if device == "auto":
+        from pipelines.devices import check_gpu_host
+
+        check_gpu_host(device)
+        return
     kind, _, index = device.partition(":")
     if kind in ("auto", "cpu"):
         return

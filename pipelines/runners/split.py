@@ -45,6 +45,9 @@ class Job:
     # A shard source's kept columns (stored as text after the embedding) and whether its labels may be missing.
     columns: tuple[str, ...] = ()
     label_nullable: bool = False
+    # Threads of an encoder on the CPU: the cores this process may use, less its busy decode workers (None: torch's
+    # default). More would oversubscribe the cores, which collapses speed when another program competes.
+    threads: int | None = None
 
 
 DAMAGED = "SourceDamage:"  # the reason's start for a unit not read to its end
@@ -106,6 +109,8 @@ def write_split(
     writer = PartWriter(split_dir, metadata=metadata, rows_per_part=rows_per_part, prefix=prefix, columns=columns,
                         label_nullable=label_nullable)
     bar = tqdm(total=total, desc=f"embed {stats.split}", unit="img", disable=not progress, dynamic_ncols=True)
+    if PROGRESS_COUNTER is not None:
+        bar = _Counted(bar, PROGRESS_COUNTER)
     start = time.perf_counter()
     try:
         fill(writer, bar)
@@ -115,6 +120,26 @@ def write_split(
     stats.write_s = writer.write_s
     stats.wall_s = time.perf_counter() - start
     return stats
+
+
+# Set in a device's process of a multi-device job (`pipelines.runners.multi`): a shared count of rows done, which
+# the job's one progress bar shows.
+PROGRESS_COUNTER: Any = None
+
+
+class _Counted:
+    """A progress bar whose updates are also added to a shared counter."""
+
+    def __init__(self, bar: tqdm, counter: Any) -> None:
+        self.bar, self.counter = bar, counter
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        with self.counter.get_lock():
+            self.counter.value += n
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def record_errors(split_dir: Path, failures: Iterable[tuple[str, str, str]], stats: SplitStats) -> None:

@@ -64,6 +64,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"in {summary['wall_s']:.1f} s (waiting on reads {summary['read_s']:.1f} s, model "
             f"{summary['model_s']:.1f} s, writing {summary['write_s']:.1f} s in background) -> {summary['output_dir']}"
         )
+    for row in summary.get("devices", []):
+        lines.append(f"  {row['device']:<10}{row['images']:>8} images {row['errors']:>6} errors "
+                     f"{row['images_per_s']:>9.1f} img/s" + (f"  FAILED: {row['failed']}" if row["failed"] else ""))
     if summary.get("damaged_units"):
         lines.append(f"{summary['damaged_units']} shard(s) or row group(s) could not be read to their end (a damaged "
                      "file or a remote read that failed after its retries): the rows before the damage are stored, "
