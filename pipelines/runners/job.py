@@ -75,9 +75,6 @@ def check_devices(devices: list[str], *, device: Any, runner: Runner | None) -> 
     if runner is not None and getattr(runner, "func", runner).__module__ != "pipelines.runners.local":
         raise UserError(f"device={device}: one encoder process per device is the local runner's; runner=ray "
                         "places its actors on the cluster's GPUs itself (runner.num_actors)")
-    if len({d.partition(":")[0] for d in devices}) > 1:
-        raise UserError(f"device={device}: one kind of device per job (the dtype and so the embeddings would "
-                        "differ between them)")
 
 
 def workers_per_device(num_workers: int | str, devices: int) -> int | str:

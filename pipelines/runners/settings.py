@@ -45,6 +45,9 @@ def check_settings(
                         "([cuda:0,cuda:2]: one encoder process each)")
     if len(devices) > 1 and len(set(devices)) < len(devices) and any(d.startswith("cuda") for d in devices):
         raise UserError(f"device={_show(device)}: a CUDA device is named twice")
+    if len({d.partition(":")[0] for d in devices}) > 1:
+        raise UserError(f"device={_show(device)}: one kind of device per job (the dtype and so the embeddings "
+                        "would differ between them)")
     if max_image_pixels not in ("auto", None) and (not _is_int(max_image_pixels) or max_image_pixels < 1):
         raise UserError(f"max_image_pixels={_show(max_image_pixels)}: expected a whole number of at least 1, "
                         "or null for no limit")
