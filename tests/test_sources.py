@@ -176,8 +176,8 @@ def test_hf_image_struct_with_a_path_and_no_bytes(tmp_path):
     (tmp_path / "img").mkdir()
     for f in files:
         (tmp_path / "img" / f.name).write_bytes(f.read_bytes())
-    image = pa.array([{"bytes": None, "path": f"img/{f.name}"} for f in files] + [{"bytes": None, "path": "img/gone.png"}],
-                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    rows = [{"bytes": None, "path": f"img/{f.name}"} for f in files] + [{"bytes": None, "path": "img/gone.png"}]
+    image = pa.array(rows, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     meta = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"}}}}).encode()}
     pq.write_table(pa.table({"image": image}).replace_schema_metadata(meta), tmp_path / "x.parquet")
     got = records(source({"train": str(tmp_path / "x.parquet")}))

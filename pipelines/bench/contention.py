@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ class Hog:
         context = mp.get_context("fork")
         self.stop = context.Event()
         self.procs = [context.Process(target=_spin, args=(self.stop,), daemon=True)
-                      for _ in range(len(__import__("os").sched_getaffinity(0)))]
+                      for _ in range(len(os.sched_getaffinity(0)))]
         for proc in self.procs:
             proc.start()
         return self

@@ -179,7 +179,8 @@ def resolve_actors(
 
 
 def build_dataset(
-    records: list[ImageRecord] | UnitWork, *, job: Job, preprocess: Preprocess, metadata: dict[str, Any], num_actors: int,
+    records: list[ImageRecord] | UnitWork, *, job: Job, preprocess: Preprocess, metadata: dict[str, Any],
+    num_actors: int,
     num_gpus_per_actor: float, num_cpus_per_actor: float,
 ):
     """The lazy pipeline: listing blocks -> decode + resize (CPU tasks) -> embed (actor pool).

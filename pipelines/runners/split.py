@@ -16,8 +16,8 @@ from pipelines.store import PartWriter
 
 if TYPE_CHECKING:
     from pipelines.data import ImageRecord
-    from pipelines.sources import Failed
     from pipelines.siglip import EncoderSpec
+    from pipelines.sources import Failed
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,8 @@ class FileSource:
             raise UserError(f"dataset.retries={retries!r}: expected a whole number of at least 0")
         given = {split: ((p,) if isinstance(p, str) else tuple(p)) for split, p in data_files.items() if p}
         if not given:
-            raise UserError("dataset.data_files: no split given; e.g. 'dataset.data_files.train=/data/{00000..00009}.tar'")
+            raise UserError("dataset.data_files: no split given; e.g. "
+                            "'dataset.data_files.train=/data/{00000..00009}.tar'")
         keep = tuple(keep_columns or ())
         wds_label = None if label in (None, "none") else ("cls" if label == "auto" else label)
         return cls(tuple(sorted(given.items())), Storage.of(storage_options, retries=retries), format,

@@ -13,8 +13,8 @@ import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path

@@ -246,7 +246,8 @@ def hostile_images(photo_bytes) -> dict[str, tuple[bytes, str]]:
     """Hostile files as a scraped folder has them, and the reason embed_image must give for each."""
     jpeg = photo_bytes["rgb.jpg"]
     return {
-        "crash png": (hostile_files.crash_png_bytes(), r"IMAGE\[0\]: (truncated PNG|cannot decode image|decoder crashed)"),
+        "crash png": (hostile_files.crash_png_bytes(),
+                      r"IMAGE\[0\]: (truncated PNG|cannot decode image|decoder crashed)"),
         "bomb 30000x30000": (bomb_png(), r"IMAGE\[0\]: too large: 30000x30000 \(limit 25000000 pixels\)"),
         "truncated jpeg": (jpeg[: len(jpeg) // 3], r"IMAGE\[0\]: (cannot decode image|.*truncated)"),
         "empty": (b"", r"IMAGE\[0\]: empty file"),
