@@ -6,7 +6,8 @@
 #           compiled (torch.compile) at batch 256 in bfloat16, then the embed job (bfloat16, compiled, batch 256,
 #           16 workers) on 10,000 generated 500x375 JPEGs (quality 90), decoding in the workers and, second, on
 #           the GPU with nvjpeg; each next to its data path alone;
-#   step 3  the model alone compiled at batch 256 in float16.
+#   step 3  the model alone compiled at batch 256 in float16;
+#   step 4  (more than one GPU) the embed job with device=auto, every GPU, against cuda:0 alone, as a ratio.
 # Each step runs under a `timeout` (120 + 240 + 90 s): one cut short keeps the figures it had written.
 # Each step prints its report (images/s, TFLOP/s, MFU against the card's dense bf16 peak, FLOPs counted from the
 # model) and writes JSON; the figures and logs go to $OUT (else outputs/gpu-check). docs/perf.md explains them.
@@ -83,5 +84,17 @@ timeout "${limits[1]}" "$py" -m pipelines.bench "${common[@]}" "parts=[preproces
 echo "== step 3: the model alone compiled, the second dtype"
 timeout "${limits[2]}" "$py" -m pipelines.bench "${common[@]}" "parts=[model]" "${step3[@]}" \
   "output=$out/step3-compiled.json" 2>&1 | tee "$out/step3-compiled.log" || status=1
+if [ "$mode" = gpu ]; then
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+  one=(--one cuda:0 --all auto --model so400m-random --images 8000 --batch-size 256)
+else
+  gpus=2  # the same step on two CPU encoder processes
+  one=(--one cpu --all "[cpu,cpu]" --model tiny --images 200 --batch-size 16)
+fi
+if [ "${gpus:-0}" -gt 1 ]; then
+  echo "== step 4: the embed job on every device (device=auto) against one, as a ratio"
+  timeout 240 "$py" -m pipelines.bench.devices "${one[@]}" --dir "$work/devices" 2>&1 | tee "$out/step4-devices.log" \
+    || status=1
+fi
 echo "== figures in $out: step1-eager.json, step2-compiled.json, step3-compiled.json (and logs); exit status $status"
 exit $status
