@@ -70,6 +70,24 @@ def write_gray_filled_jpeg(path: Path, source: Path) -> Path:
     return path
 
 
+def torchvision_png_decode(real):
+    """`pipelines.data.decode` with 8-bit PNGs sent to torchvision's decode_image, which segfaults on the crash PNG
+    (`real`: the decode it stands in for; the pixel limit still holds). For tests that monkeypatch the module in
+    this process, whose forked workers inherit it."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    import pipelines.data
+
+    def decode(data: bytes, *, max_pixels=pipelines.data.DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        if data[:8] == PNG_MAGIC and data[24:25] == b"\x08":
+            pipelines.data.check_size(*pipelines.data.open_header(data).size, max_pixels)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return real(data, max_pixels=max_pixels)
+
+    return decode
+
+
 def write_crash_png(path: Path) -> Path:
     path.write_bytes(crash_png_bytes())
     return path

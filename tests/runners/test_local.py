@@ -22,7 +22,6 @@ import torch
 from helpers import hostile_files
 from helpers.images import SAMPLE
 from helpers.jobs import runner_job
-from torchvision.io import ImageReadMode, decode_image
 
 import pipelines.data
 from pipelines import store
@@ -55,18 +54,6 @@ def encoder():
     return load_encoder("tiny", device="cpu")
 
 
-def torchvision_png_decode(real):
-    """`decode` with 8-bit PNGs sent to torchvision's decode_image, which segfaults on the crash PNG."""
-
-    def decode(data: bytes, *, max_pixels=pipelines.data.DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        if data[:8] == hostile_files.PNG_MAGIC and data[24:25] == b"\x08":
-            pipelines.data.check_size(*pipelines.data.open_header(data).size, max_pixels)
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return real(data, max_pixels=max_pixels)
-
-    return decode
-
-
 def crash_folder(root: Path) -> tuple[list[str], list[str]]:
     """train/<2 classes>/: 6 sample PNGs each and a crash PNG in each (different batches); (good, crashing)."""
     good, crashing = [], []
@@ -90,7 +77,7 @@ def embed_train(encoder, root: Path, out: Path, *, device_decode: bool = False, 
 @pytest.mark.job
 @pytest.mark.parametrize(("num_workers", "device_decode"), [(0, False), (1, False), (2, False), (1, True)])
 def test_a_segfaulting_decoder_costs_only_its_file(encoder, tmp_path, monkeypatch, num_workers, device_decode):
-    monkeypatch.setattr(pipelines.data, "decode", torchvision_png_decode(pipelines.data.decode))
+    monkeypatch.setattr(pipelines.data, "decode", hostile_files.torchvision_png_decode(pipelines.data.decode))
     good, crashing = crash_folder(tmp_path / "images")
     out = tmp_path / "out"
 

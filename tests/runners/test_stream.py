@@ -19,11 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from helpers import hostile_files, shards
 from helpers.jobs import embed_cli
 from helpers.shards import add_member, sample_files
-from torchvision.io import ImageReadMode, decode_image
 
 import pipelines.data
 from pipelines import store
@@ -115,18 +113,6 @@ def test_kill_9_on_tars_then_rerun_embeds_each_record_once(tmp_path):
     assert set(after) == {f"{s:05d}.tar/{s:05d}{i:04d}" for s in range(6) for i in range(50)}
 
 
-def crashing_png_decoder(real):
-    """`decode` with 8-bit PNGs sent to torchvision's decode_image, which segfaults on the crash PNG."""
-
-    def decode(data: bytes, *, max_pixels=pipelines.data.DEFAULT_MAX_PIXELS) -> torch.Tensor:
-        if data[:8] == hostile_files.PNG_MAGIC and data[24:25] == b"\x08":
-            pipelines.data.check_size(*pipelines.data.open_header(data).size, max_pixels)
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return real(data, max_pixels=max_pixels)
-
-    return decode
-
-
 def hostile_shards(folder: Path) -> tuple[int, dict[str, str]]:
     """Tars and Parquet files with every hostile kind; (good records, {error path: what its reason says})."""
     folder.mkdir(parents=True)
@@ -179,7 +165,7 @@ def test_hostile_shards_cost_only_themselves(tmp_path):
 
 
 def test_a_decoder_crash_inside_a_tar_costs_only_its_member(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipelines.data, "decode", crashing_png_decoder(pipelines.data.decode))
+    monkeypatch.setattr(pipelines.data, "decode", hostile_files.torchvision_png_decode(pipelines.data.decode))
     good = [f.read_bytes() for f in sample_files("train")[:10]]
     with tarfile.open(tmp_path / "x.tar", "w") as tar:
         for i, data in enumerate(good[:5]):
