@@ -77,7 +77,7 @@ def run(
             store.remove_stale_tmp(split_dir, job.prefix)
             done = store.done_paths(split_dir)
             skip, todo = skip_sets(records.units, done)
-            stats = SplitStats(split=split, already_done=len(done))
+            stats = SplitStats(split=split, already_done=sum(len(paths) for paths in skip.values()))
             todo = UnitWork(records.source, todo, skip)
         else:
             split_dir, todo, stats = start_split(job.output_dir, split, records, job.prefix)

@@ -146,7 +146,8 @@ def embed_units(encoder: Encoder, job: Job, *, split: str, work: Units, workers:
     store.remove_stale_tmp(split_dir, job.prefix)
     done = store.done_paths(split_dir)
     skip, todo = skip_sets(work.units, done)
-    stats = SplitStats(split=split, already_done=len(done))
+    # This job's share only: other shards' rows in the same folder are not "done before" here.
+    stats = SplitStats(split=split, already_done=sum(len(paths) for paths in skip.values()))
     known = [u.rows for u in todo]
     total = None if None in known else sum(known) - sum(len(skip[u.name]) for u in todo)
     load = _loader_fn(encoder, job)
