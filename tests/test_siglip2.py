@@ -210,3 +210,41 @@ def test_another_architecture_is_one_line(tmp_path, save, model_type, architectu
         with pytest.raises(UserError) as info:
             load()
         assert str(info.value) == expected
+
+
+@pytest.mark.job
+def test_search_and_zeroshot_on_naflex_embeddings(naflex_checkpoint, shaped_photos, tmp_path):
+    """NaFlex embeddings stored as the data path will store them (`resize` per image, stacked key by key,
+    `embed_uint8`): an image query finds itself with score 1, a text query and zero-shot run on the text tower."""
+    import numpy as np
+
+    from omegaconf import OmegaConf
+
+    from pipelines import store
+    from pipelines.config import CONF_DIR
+    from pipelines.search import run_search
+    from pipelines.zeroshot import run_zeroshot
+
+    root, out = tmp_path / "images", tmp_path / "naflex"
+    files = {f"valid/{'wide' if i % 2 else 'tall'}/{name}": data for i, (name, data) in enumerate(shaped_photos.items())}
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    encoder = load_encoder(str(naflex_checkpoint), device="cpu")
+    resized = [encoder.preprocess.resize(decode(data)) for data in files.values()]
+    embeddings = encoder.embed_uint8({key: torch.stack([r[key] for r in resized]) for key in resized[0]}).numpy()
+    table = store.to_table(list(files), [path.split("/")[1] for path in files], embeddings, encoder.metadata())
+    store.write_part(store.split_dir(out, "valid"), table, prefix="shard0of1")
+    common = {"embeddings_dir": out, "splits": None, "k": 3, "index": "exact", "rebuild": False, "index_dir": None,
+              "name_or_path": str(naflex_checkpoint), "revision": None, "device": "cpu", "dtype": "float32",
+              "max_image_pixels": 89478485, "dataset_root": root,
+              "ann_options": OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/search.yaml").ann)}
+    target = "valid/wide/portrait.png"
+    found = run_search(**common, query=None, image=root / target)["results"][0]
+    assert found["path"] == target and found["score"] == pytest.approx(1.0, abs=1e-5)
+    assert len(run_search(**common, query="a photo of a flower", image=None)["results"]) == 3
+    report = run_zeroshot(embeddings_dir=out, query_split="valid", protocol="auto", dataset=None, class_names=None,
+                          templates=None, name_or_path=str(naflex_checkpoint), revision=None, device="cpu",
+                          dtype="float32", batch_size=8, output_dir=tmp_path / "z", dataset_root=root, worst=2)
+    assert report["protocol"] == "simple" and report["num_query"] == len(files) and 0 <= report["top1"] <= 1
+    assert np.isfinite(embeddings).all()
