@@ -29,6 +29,9 @@ MODEL_CONFIG = "config.json"
 SIGLIP = "siglip"
 SIGLIP2 = "siglip2"
 _KINDS = {"siglip": SIGLIP, "siglip_vision_model": SIGLIP, "siglip2": SIGLIP2, "siglip2_vision_model": SIGLIP2}
+# Siglip2ImageProcessor's defaults, which every NaFlex checkpoint of the SigLIP 2 release uses.
+NAFLEX_PATCH_SIZE = 16
+NAFLEX_MAX_NUM_PATCHES = 256
 # How long the one request that checks whether the hub answers may take (connecting, then reading).
 HUB_PROBE_TIMEOUT_S = 5.0
 
@@ -94,6 +97,19 @@ def model_kind(name_or_path: str, revision: str | None, offline: str | None) -> 
         raise UserError(f"model.name_or_path={name_or_path!r} is a {model_type or 'untyped'} checkpoint "
                         f"({architectures}); this tool embeds SigLIP and SigLIP 2")
     return _KINDS[model_type]
+
+
+def naflex_geometry(name_or_path: str, revision: str | None) -> tuple[int, int] | None:
+    """(max_num_patches, patch_size) of a SigLIP 2 NaFlex checkpoint, None for a SigLIP one; from its config files
+    alone (no torch), for the serving launcher."""
+    if name_or_path == SO400M_NAFLEX_RANDOM:
+        return NAFLEX_MAX_NUM_PATCHES, NAFLEX_PATCH_SIZE
+    offline = check_model(name_or_path, revision)
+    if model_kind(name_or_path, revision, offline) != SIGLIP2:
+        return None
+    config = read_preprocessor_config(name_or_path, revision, offline)[0]
+    return (int(config.get("max_num_patches", NAFLEX_MAX_NUM_PATCHES)),
+            int(config.get("patch_size", NAFLEX_PATCH_SIZE)))
 
 
 def read_model_config(name_or_path: str, revision: str | None, offline: str | None) -> dict[str, Any]:

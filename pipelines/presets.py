@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.hub import PREPROCESSOR_CONFIG
+from pipelines.hub import NAFLEX_MAX_NUM_PATCHES, NAFLEX_PATCH_SIZE, PREPROCESSOR_CONFIG
 
 # The so400m-patch14-384 preprocessing; also used by the tiny preset.
 SO400M_PREPROCESSOR = {
@@ -49,14 +49,14 @@ SO400M_VISION = {
     "image_size": 384,
 }
 # so400m-patch16-naflex's vision geometry (SigLIP 2 NaFlex): 16-pixel patches, at most 256 of them per image.
-SO400M_NAFLEX_VISION = {**SO400M_VISION, "patch_size": 16, "num_patches": 256}
+SO400M_NAFLEX_VISION = {**SO400M_VISION, "patch_size": NAFLEX_PATCH_SIZE, "num_patches": NAFLEX_MAX_NUM_PATCHES}
 SO400M_NAFLEX_VISION.pop("image_size")
 # The NaFlex checkpoints' preprocessing (Siglip2ImageProcessor): the image resized at its own aspect ratio to at most
 # max_num_patches patches of patch_size pixels, bilinear.
 NAFLEX_PREPROCESSOR = {
     "do_resize": True,
-    "patch_size": 16,
-    "max_num_patches": 256,
+    "patch_size": NAFLEX_PATCH_SIZE,
+    "max_num_patches": NAFLEX_MAX_NUM_PATCHES,
     "resample": 2,
     "do_rescale": True,
     "rescale_factor": 1 / 255,

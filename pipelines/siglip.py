@@ -247,6 +247,20 @@ AnyPreprocess = Preprocess | NaFlexPreprocess
 Pixels = torch.Tensor | dict[str, torch.Tensor]
 
 
+def stack_pixels(items: list[Pixels]) -> Pixels:
+    """`resize`'s per-image outputs -> one batch: uint8 [B, 3, H, W], or each key of NaFlex's dict stacked."""
+    if isinstance(items[0], dict):
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    return torch.stack(items)
+
+
+def cat_pixels(batches: list[Pixels]) -> Pixels:
+    """Batches ([b_k, ...] tensors, or NaFlex dicts of them) -> one [sum b_k, ...] batch."""
+    if isinstance(batches[0], dict):
+        return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+    return torch.cat(batches)
+
+
 def preprocess_from_config(kind: str, config: dict[str, Any]) -> AnyPreprocess:
     """A checkpoint's preprocessing from its preprocessor config: NaFlex for 'siglip2', else SigLIP's."""
     return NaFlexPreprocess.from_config(config) if kind == SIGLIP2 else Preprocess.from_config(config)
