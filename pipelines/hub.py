@@ -99,17 +99,20 @@ def model_kind(name_or_path: str, revision: str | None, offline: str | None) -> 
     return _KINDS[model_type]
 
 
-def naflex_geometry(name_or_path: str, revision: str | None) -> tuple[int, int] | None:
-    """(max_num_patches, patch_size) of a SigLIP 2 NaFlex checkpoint, None for a SigLIP one; from its config files
-    alone (no torch), for the serving launcher."""
-    if name_or_path == SO400M_NAFLEX_RANDOM:
-        return NAFLEX_MAX_NUM_PATCHES, NAFLEX_PATCH_SIZE
+def input_geometry(name_or_path: str, revision: str | None) -> tuple[str, int, int]:
+    """What the vision tower takes, from the checkpoint's config files alone (no torch), for the serving launcher:
+    ('naflex', max_num_patches, patch_size) for SigLIP 2 NaFlex, ('fixres', height, width) for SigLIP."""
+    if name_or_path in PRESETS:
+        return ("naflex", NAFLEX_MAX_NUM_PATCHES, NAFLEX_PATCH_SIZE) if name_or_path == SO400M_NAFLEX_RANDOM else (
+            "fixres", 384, 384)
     offline = check_model(name_or_path, revision)
-    if model_kind(name_or_path, revision, offline) != SIGLIP2:
-        return None
+    kind = model_kind(name_or_path, revision, offline)
     config = read_preprocessor_config(name_or_path, revision, offline)[0]
-    return (int(config.get("max_num_patches", NAFLEX_MAX_NUM_PATCHES)),
-            int(config.get("patch_size", NAFLEX_PATCH_SIZE)))
+    if kind == SIGLIP2:
+        return ("naflex", int(config.get("max_num_patches", NAFLEX_MAX_NUM_PATCHES)),
+                int(config.get("patch_size", NAFLEX_PATCH_SIZE)))
+    size = config.get("size", {})
+    return "fixres", int(size.get("height", 384)), int(size.get("width", 384))
 
 
 def read_model_config(name_or_path: str, revision: str | None, offline: str | None) -> dict[str, Any]:

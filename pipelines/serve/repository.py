@@ -28,9 +28,10 @@ class ModelOptions:
     max_queue_delay_us: int
     decode_instances: int
     max_pixels: int
-    # (max_num_patches, patch_size) for a SigLIP 2 NaFlex checkpoint (`hub.naflex_geometry`): siglip then takes
-    # patches, their mask and grid; None for SigLIP (siglip takes [3, 384, 384] pixels, as committed).
-    naflex: tuple[int, int] | None = None
+    # What the checkpoint's vision tower takes (`hub.input_geometry`): ('fixres', H, W) gives siglip [3, H, W]
+    # pixels, ('naflex', max_num_patches, patch_size) NaFlex's patches, mask and grid; None keeps the committed
+    # [3, 384, 384].
+    geometry: tuple[str, int, int] | None = None
 
 
 def read_config(path: Path):
@@ -71,8 +72,12 @@ def render_config(config, options: ModelOptions) -> None:
         _set_parameter(config, names.PARAM_DTYPE, options.dtype)
         _set_parameter(config, names.PARAM_THREADS, str(options.num_threads))
         _place(config.instance_group[0], options.device)
-    if options.naflex is not None and config.input[0].name == names.PIXEL_VALUES:
-        _naflex_inputs(config, *options.naflex)
+    if options.geometry is not None and config.input[0].name == names.PIXEL_VALUES:
+        kind, a, b = options.geometry
+        if kind == "naflex":
+            _naflex_inputs(config, max_num_patches=a, patch_size=b)
+        else:
+            config.input[0].dims[:] = [3, a, b]
     if names.PARAM_MAX_PIXELS in declared:
         config.instance_group[0].count = options.decode_instances
         if options.max_pixels < 1:

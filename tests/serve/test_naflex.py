@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from pipelines.config import REPO_ROOT
 from pipelines.data import decode
-from pipelines.hub import naflex_geometry
+from pipelines.hub import input_geometry
 from pipelines.serve import names, repository
 from pipelines.siglip import load_encoder, stack_pixels
 from pipelines.text import load_text_encoder
@@ -30,10 +30,10 @@ def photos() -> list[bytes]:
 
 
 def test_the_launcher_renders_siglips_naflex_inputs(naflex_checkpoint, tiny_checkpoint, tmp_path):
-    assert naflex_geometry(str(naflex_checkpoint), None) == (256, 16)
-    assert naflex_geometry(str(tiny_checkpoint), None) is None
-    target = repository.render_repository(REPO_ROOT / "serving", tmp_path / "models",
-                                          model_options(name_or_path=str(naflex_checkpoint), naflex=(256, 16)))
+    assert input_geometry(str(naflex_checkpoint), None) == ("naflex", 256, 16)
+    assert input_geometry(str(tiny_checkpoint), None) == ("fixres", 384, 384)
+    target = repository.render_repository(REPO_ROOT / "serving", tmp_path / "models", model_options(
+        name_or_path=str(naflex_checkpoint), geometry=("naflex", 256, 16)))
     config = repository.read_config(target / names.SIGLIP / "config.pbtxt")
     inputs = [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in config.input]
     assert inputs == [(names.PIXEL_VALUES, "TYPE_FP32", [256, 768]), (names.PIXEL_ATTENTION_MASK, "TYPE_INT32", [256]),
@@ -41,6 +41,11 @@ def test_the_launcher_renders_siglips_naflex_inputs(naflex_checkpoint, tiny_chec
     # embed_image and embed_text keep their contracts: bytes and texts in
     image = repository.read_config(target / names.EMBED_IMAGE / "config.pbtxt")
     assert [t.name for t in image.input] == [names.IMAGE]
+    # a fixed-resolution checkpoint of another size (SigLIP base: 224 px) gets siglip's pixels at its size
+    other = repository.render_repository(REPO_ROOT / "serving", tmp_path / "other", model_options(
+        name_or_path=str(tiny_checkpoint), geometry=("fixres", 224, 224)))
+    [pixels] = repository.read_config(other / names.SIGLIP / "config.pbtxt").input
+    assert (pixels.name, list(pixels.dims)) == (names.PIXEL_VALUES, [3, 224, 224])
 
 
 @pytest.fixture(scope="module")
