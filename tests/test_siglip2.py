@@ -217,7 +217,6 @@ def test_search_and_zeroshot_on_naflex_embeddings(naflex_checkpoint, shaped_phot
     """NaFlex embeddings stored as the data path will store them (`resize` per image, stacked key by key,
     `embed_uint8`): an image query finds itself with score 1, a text query and zero-shot run on the text tower."""
     import numpy as np
-
     from omegaconf import OmegaConf
 
     from pipelines import store

@@ -105,17 +105,19 @@ def report(results: dict[str, Any]) -> str:
     """The figures as a short text report."""
     fixres, naflex = results["fixres"], results["naflex"]
     trim = results["padded_vs_trimmed"]
-    lines = [f"{results['device']} {results['dtype']}, batch {results['batch_size']}, {results['threads']} threads",
-             f"  fixed resolution, {fixres['model']} ({fixres['patches']} patches): "
-             f"{fixres['images_per_s']:.3f} images/s",
-             f"  NaFlex, {naflex['model']} ({naflex['patches']} patches, 500x375 images): "
-             f"{naflex['images_per_s']:.3f} images/s ({results['naflex_vs_fixres']:.2f}x)",
-             f"  patches filled of {naflex['patches']}, by image shape: " + ", ".join(
-                 f"{row['image']} {row['patches']} ({row['filled']:.0%})" for row in results["padding"]),
-             f"  one batch of those {trim['images']} shapes: padded to {trim['max_num_patches']} "
-             f"{trim['padded_images_per_s']:.3f} images/s, cut to its longest ({trim['longest']}) "
-             f"{trim['trimmed_images_per_s']:.3f} images/s; embeddings differ by at most "
-             f"{trim['max_abs_difference']:.1e}"]
+    lines = [
+        f"{results['device']} {results['dtype']}, batch {results['batch_size']}, {results['threads']} threads",
+        (f"  fixed resolution, {fixres['model']} ({fixres['patches']} patches): "
+         f"{fixres['images_per_s']:.3f} images/s"),
+        (f"  NaFlex, {naflex['model']} ({naflex['patches']} patches, 500x375 images): "
+         f"{naflex['images_per_s']:.3f} images/s ({results['naflex_vs_fixres']:.2f}x)"),
+        f"  patches filled of {naflex['patches']}, by image shape: " + ", ".join(
+            f"{row['image']} {row['patches']} ({row['filled']:.0%})" for row in results["padding"]),
+        (f"  one batch of those {trim['images']} shapes: padded to {trim['max_num_patches']} "
+         f"{trim['padded_images_per_s']:.3f} images/s, cut to its longest ({trim['longest']}) "
+         f"{trim['trimmed_images_per_s']:.3f} images/s; embeddings differ by at most "
+         f"{trim['max_abs_difference']:.1e}"),
+    ]
     return "\n".join(lines)
 
 
