@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,19 @@ def padding(preprocess: NaFlexPreprocess) -> list[dict[str, Any]]:
 
 
 def padded_vs_trimmed(encoder: Any, *, iters: int) -> dict[str, Any]:
-    """One batch of SHAPES' images, embedded padded to max_num_patches and cut to its longest image: images/s of
-    each (best of `iters`) and the largest difference between their embeddings."""
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for w, h in SHAPES]
+    """Bucketing's best case: one batch of SHAPES' images that do not fill max_num_patches, embedded padded to it
+    and cut to the batch's longest image; images/s of each (best of `iters`) and the largest difference between
+    their embeddings. (A batch holding any full image has nothing to cut.)"""
+    p, most = encoder.preprocess.patch_size, encoder.preprocess.max_num_patches
+    shapes = [(w, h) for w, h in SHAPES
+              if math.prod(n // p for n in naflex_size(h, w, patch_size=p, max_num_patches=most)) < most]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for w, h in shapes]
     batch = {k: v.to(encoder.device) for k, v in stack_pixels([encoder.preprocess.resize(i) for i in images]).items()}
     inputs = encoder.preprocess.normalize(batch, dtype=encoder.dtype)
     longest = int(inputs["pixel_attention_mask"].sum(1).max())
     trimmed = {**inputs, "pixel_values": inputs["pixel_values"][:, :longest],
                "pixel_attention_mask": inputs["pixel_attention_mask"][:, :longest]}
-    out: dict[str, Any] = {"images": len(images), "longest": longest, "max_num_patches": encoder.preprocess.max_num_patches}
+    out: dict[str, Any] = {"images": [f"{w}x{h}" for w, h in shapes], "longest": longest, "max_num_patches": most}
     embeddings = {}
     for name, x in (("padded", inputs), ("trimmed", trimmed)):
         embeddings[name] = encoder.embed(x)  # warm-up, and the embeddings compared
@@ -113,7 +118,7 @@ def report(results: dict[str, Any]) -> str:
          f"{naflex['images_per_s']:.3f} images/s ({results['naflex_vs_fixres']:.2f}x)"),
         f"  patches filled of {naflex['patches']}, by image shape: " + ", ".join(
             f"{row['image']} {row['patches']} ({row['filled']:.0%})" for row in results["padding"]),
-        (f"  one batch of those {trim['images']} shapes: padded to {trim['max_num_patches']} "
+        (f"  one batch of the {len(trim['images'])} shapes that do not fill it: padded to {trim['max_num_patches']} "
          f"{trim['padded_images_per_s']:.3f} images/s, cut to its longest ({trim['longest']}) "
          f"{trim['trimmed_images_per_s']:.3f} images/s; embeddings differ by at most "
          f"{trim['max_abs_difference']:.1e}"),
