@@ -128,22 +128,25 @@ def test_image_embeddings_equal_transformers(kinds, kind, shaped_photos):
         ref = torch.cat([model.vision_model(**processor(images=pil(data), return_tensors="pt")).pooler_output
                          for data in shaped_photos.values()])
     similarity = cosine(ours, ref)
-    print(f"{kind} image: min cosine {similarity.min().item():.9f} over {len(ref)} photos")
+    print(f"{kind} image: min cosine {similarity.min().item():.9f}, max abs difference "
+          f"{(ours - ref).abs().max().item():.1e} over {len(ref)} photos")
     assert ours.shape == (len(shaped_photos), encoder.embedding_dim) and ours.dtype == torch.float32
     assert similarity.min().item() >= MIN_COSINE, dict(zip(shaped_photos, similarity.tolist()))
 
 
-@pytest.mark.parametrize("kind", ["siglip2-fixres", "siglip2-naflex"])
+@pytest.mark.parametrize("kind", ["siglip", "siglip2-fixres", "siglip2-naflex"])
 def test_text_embeddings_equal_transformers(kinds, kind):
-    """SigLIP 2's Gemma tokenizer at 64 tokens, lower-cased and padded right as it was trained."""
+    """64 tokens padded on the right; SigLIP 2's Gemma tokenizer on lower-cased text, as it was trained (SigLIP's
+    own tokenizer lower-cases by itself)."""
     checkpoint, model_class, _ = kinds[kind]
     texts = ["A Photo of Two RED bags", "a close-up of the wooden table near the river", "un café ☕",
              " ".join(["a photo of two striped cats"] * 20)]
     encoder = load_text_encoder(str(checkpoint), revision=None, device="cpu", dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    ids = tokenizer([t.lower() for t in texts], padding="max_length", max_length=64, truncation=True,
-                    padding_side="right", return_tensors="pt")["input_ids"]
-    assert encoder.lowercase and encoder.max_length == 64
+    lowercase = kind != "siglip"
+    ids = tokenizer([t.lower() if lowercase else t for t in texts], padding="max_length", max_length=64,
+                    truncation=True, padding_side="right", return_tensors="pt")["input_ids"]
+    assert encoder.lowercase == lowercase and encoder.max_length == 64
     assert torch.equal(encoder.tokenize(texts), ids)
     assert (ids[0] == tokenizer.pad_token_id).nonzero().min() > 0  # padding on the right: the text comes first
     model = model_class.from_pretrained(checkpoint).eval()
@@ -151,8 +154,10 @@ def test_text_embeddings_equal_transformers(kinds, kind):
         ref = model.get_text_features(input_ids=ids).pooler_output
         logits = model(input_ids=ids, pixel_values=torch.zeros(1, 3, 384, 384)).logits_per_text[:, 0] if (
             kind == "siglip2-fixres") else None
-    similarity = cosine(encoder.embed(texts), ref)
-    print(f"{kind} text: min cosine {similarity.min().item():.9f} over {len(texts)} texts")
+    ours = encoder.embed(texts)
+    similarity = cosine(ours, ref)
+    print(f"{kind} text: min cosine {similarity.min().item():.9f}, max abs difference "
+          f"{(ours - ref).abs().max().item():.1e} over {len(texts)} texts")
     assert similarity.min().item() >= MIN_COSINE
     assert math.isclose(encoder.logit_bias, float(model.logit_bias.detach()))
     if logits is not None:
