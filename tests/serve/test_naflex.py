@@ -96,3 +96,18 @@ def test_a_naflex_checkpoint_serves_files_patches_and_texts(server, naflex_check
     assert "SPATIAL_SHAPES[1]=[40, 40]" in info.value.message() and info.value.status() == "StatusCode.INVALID_ARGUMENT"
     again = client.infer(names.EMBED_IMAGE, [image]).as_numpy(names.EMBEDDING)
     assert cosine(again, offline).min() >= 0.9999
+
+
+def test_naflex_rows_names_what_the_model_cannot_take():
+    from pipelines.serve import models
+
+    pixels, mask = np.zeros((3, 8, 12), np.float32), np.zeros((3, 8), np.int32)
+    shapes = np.array([[2, 3], [3, 3], [2, 2]], np.int64)
+    mask[0, :6], mask[1, :8], mask[2, 1:5] = 1, 1, 1
+    message = models.naflex_rows(pixels, mask, shapes)
+    assert message == ("SPATIAL_SHAPES[1]=[3, 3]: expected at least one patch and at most 8 (rows x columns); "
+                       "PIXEL_ATTENTION_MASK[2]: expected 4 ones (the 2x2 patches, first) then zeros")
+    mask[2] = [1, 1, 1, 1, 0, 0, 0, 0]
+    assert models.naflex_rows(pixels[[0, 2]], mask[[0, 2]], shapes[[0, 2]]) is None
+    pixels[2, 0, 0] = np.nan
+    assert models.naflex_rows(pixels, mask, shapes).startswith("PIXEL_VALUES[2]: pixel values must be finite")

@@ -46,8 +46,8 @@ class TritonPythonModel:
         """A request's arrays (NaFlex: by NaFlexPreprocess's keys), or why it is refused."""
         arrays = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
         if not self.naflex:  # NaN would come back as a NaN embedding: such a request is refused, rows named
-            return arrays[names.PIXEL_VALUES] if (error := models.non_finite_rows(arrays[names.PIXEL_VALUES])) is \
-                None else error
+            error = models.non_finite_rows(arrays[names.PIXEL_VALUES])
+            return arrays[names.PIXEL_VALUES] if error is None else error
         error = models.naflex_rows(*(arrays[name] for name in names.NAFLEX_INPUTS.values()))
         return {key: arrays[name] for key, name in names.NAFLEX_INPUTS.items()} if error is None else error
 
