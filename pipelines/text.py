@@ -11,7 +11,8 @@ keeps its first max_length - 1 tokens and its end-of-sequence token. The model s
 attention mask: as SigLIP was trained, the pooled last position attends to the padding too.
 
 SigLIP 2 (either kind) comes with Gemma's tokenizer, whose own default pads on the left; it was trained on lower-cased
-text padded on the right to 64 tokens, so its texts are lower-cased here and every tokenizer pads on the right.
+text padded on the right to 64 tokens, so its texts are lower-cased here and every tokenizer pads on the right
+(special tokens, such as an end-of-sequence one, are as the checkpoint's tokenizer adds them).
 """
 
 from __future__ import annotations
