@@ -157,8 +157,9 @@ from pipelines.zeroshot import run_zeroshot
 
 zs_conf = OmegaConf.load(Path(CONF_DIR) / "zeroshot.yaml")
 zeroshot = run_zeroshot(
-    embeddings_dir=EMBEDDINGS_DIR, query_split=report["settings"]["query_split"], class_names=report["class_names"],
-    templates=list(zs_conf.templates), name_or_path=report["model"]["model"], revision=report["model"]["revision"],
+    embeddings_dir=EMBEDDINGS_DIR, query_split=report["settings"]["query_split"], protocol=zs_conf.protocol,
+    dataset=None, class_names=report["class_names"], templates=OmegaConf.to_container(zs_conf)["templates"],
+    name_or_path=report["model"]["model"], revision=report["model"]["revision"],
     device=zs_conf.device, dtype=zs_conf.dtype, batch_size=zs_conf.batch_size, output_dir=None,
     dataset_root=DATA_ROOT, worst=zs_conf.worst)
 print(format_zeroshot(zeroshot, pd.read_csv(zeroshot["files"]["per_class"], keep_default_na=False)))

@@ -22,12 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def read_names(path: Path) -> dict[str, str]:
-    """A class-name file -> {label: name}; a line without a name is refused (UserError naming the line)."""
+    """A class-name file -> {label: name}; a line without a name, or naming a label a second time, is refused
+    (UserError naming the line)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"class_names={path}: cannot read it ({exc})") from exc
-    names = {}
+    names: dict[str, str] = {}
+    lines: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -39,7 +41,11 @@ def read_names(path: Path) -> dict[str, str]:
         if not label.strip() or not name.strip():
             raise UserError(f"{path}:{number}: expected '<label> <name>[, <name> ...]' or '<label><TAB><name>', "
                             f"got {line!r}")
-        names[label.strip()] = name.strip()
+        label = label.strip()
+        if label in lines:
+            raise UserError(f"{path}:{number}: label {label!r} is named again (first on line {lines[label]}); "
+                            "keep one line per label")
+        names[label], lines[label] = name.strip(), number
     return names
 
 

@@ -19,7 +19,19 @@ from pipelines.config import UserError
 
 TINY = "tiny"
 SO400M_RANDOM = "so400m-random"
+# so400m-patch16-naflex's vision geometry with random weights (SigLIP 2 NaFlex): speed checks without the hub.
+SO400M_NAFLEX_RANDOM = "so400m-naflex-random"
+PRESETS = (TINY, SO400M_RANDOM, SO400M_NAFLEX_RANDOM)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+MODEL_CONFIG = "config.json"
+# The two kinds of checkpoint this project embeds, by the `model_type` of their config.json: SigLIP (and SigLIP 2's
+# fixed-resolution checkpoints, which are SiglipModels) and SigLIP 2 NaFlex (Siglip2Model).
+SIGLIP = "siglip"
+SIGLIP2 = "siglip2"
+_KINDS = {"siglip": SIGLIP, "siglip_vision_model": SIGLIP, "siglip2": SIGLIP2, "siglip2_vision_model": SIGLIP2}
+# Siglip2ImageProcessor's defaults, which every NaFlex checkpoint of the SigLIP 2 release uses.
+NAFLEX_PATCH_SIZE = 16
+NAFLEX_MAX_NUM_PATCHES = 256
 # How long the one request that checks whether the hub answers may take (connecting, then reading).
 HUB_PROBE_TIMEOUT_S = 5.0
 
@@ -35,7 +47,7 @@ def check_model(name_or_path: str, revision: str | None = None) -> str | None:
     hub id must come from the local cache alone (offline mode, no answer from the hub); then the cache is
     checked for its preprocessor config here, so that a model never downloaded fails now, in one line.
     """
-    if name_or_path in (TINY, SO400M_RANDOM):
+    if name_or_path in PRESETS:
         return None
     check_local_path(name_or_path)
     if Path(name_or_path).expanduser().is_dir():
@@ -68,6 +80,69 @@ def read_preprocessor_config(
     # The cache keeps each download under snapshots/<commit>/.
     snapshot = resolved.parent.name if resolved.parent.parent.name == "snapshots" else None
     return json.loads(resolved.read_text()), snapshot
+
+
+def model_kind(name_or_path: str, revision: str | None, offline: str | None) -> str:
+    """'siglip' or 'siglip2' from the checkpoint's config.json (`model_type`); any other architecture is one line.
+
+    Read before any weights load, so that a CLIP or DINOv2 checkpoint given by mistake is named as such instead
+    of failing in transformers (a size mismatch, or a SiglipVisionModel built from a foreign config).
+    """
+    if name_or_path in PRESETS:
+        return SIGLIP2 if name_or_path == SO400M_NAFLEX_RANDOM else SIGLIP
+    config = read_model_config(name_or_path, revision, offline)
+    model_type = config.get("model_type")
+    if model_type not in _KINDS:
+        architectures = ", ".join(config.get("architectures") or []) or "no architectures listed"
+        raise UserError(f"model.name_or_path={name_or_path!r} is a {model_type or 'untyped'} checkpoint "
+                        f"({architectures}); this tool embeds SigLIP and SigLIP 2")
+    return _KINDS[model_type]
+
+
+def input_geometry(name_or_path: str, revision: str | None) -> tuple[str, int, int]:
+    """What the vision tower takes, from the checkpoint's config files alone (no torch), for the serving launcher:
+    ('naflex', max_num_patches, patch_size) for SigLIP 2 NaFlex, ('fixres', height, width) for SigLIP."""
+    if name_or_path in PRESETS:
+        return ("naflex", NAFLEX_MAX_NUM_PATCHES, NAFLEX_PATCH_SIZE) if name_or_path == SO400M_NAFLEX_RANDOM else (
+            "fixres", 384, 384)
+    offline = check_model(name_or_path, revision)
+    kind = model_kind(name_or_path, revision, offline)
+    config = read_preprocessor_config(name_or_path, revision, offline)[0]
+    if kind == SIGLIP2:
+        return ("naflex", int(config.get("max_num_patches", NAFLEX_MAX_NUM_PATCHES)),
+                int(config.get("patch_size", NAFLEX_PATCH_SIZE)))
+    size = config.get("size", {})
+    return "fixres", int(size.get("height", 384)), int(size.get("width", 384))
+
+
+def read_model_config(name_or_path: str, revision: str | None, offline: str | None) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict (a local directory, the cache or the hub)."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        path = local / MODEL_CONFIG
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"model.name_or_path={name_or_path!r}: {path} not found; a checkpoint directory holds {MODEL_CONFIG}, "
+                f"*.safetensors and {PREPROCESSOR_CONFIG}")
+        return _json(path)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(name_or_path, MODEL_CONFIG, revision=revision,
+                                    local_files_only=offline is not None))
+    except (OSError, ValueError) as exc:
+        raise WeightsUnavailableError(unavailable(name_or_path, exc, offline)) from exc
+    return _json(path)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsUnavailableError(f"{path}: not a readable JSON config ({exc})") from exc
+    if not isinstance(config, dict):
+        raise WeightsUnavailableError(f"{path}: expected a JSON object")
+    return config
 
 
 def hub_unavailable(repo_id: str, revision: str | None) -> str | None:

@@ -278,11 +278,12 @@ class DecodeResize:
     preprocess: Preprocess | None
     max_pixels: int | None
 
-    def __call__(self, blob: bytes) -> np.ndarray:
+    def __call__(self, blob: bytes) -> np.ndarray | dict[str, np.ndarray]:
         image = decode(blob, max_pixels=self.max_pixels)
         if self.preprocess is not None:
-            image = self.preprocess.resize(image)
-        return image.numpy()  # numpy pickles through the pipe (a tensor would go through /dev/shm)
+            image = self.preprocess.resize(image)  # a NaFlex checkpoint's: a dict of tensors
+        # numpy pickles through the pipe (a tensor would go through /dev/shm)
+        return {key: value.numpy() for key, value in image.items()} if isinstance(image, dict) else image.numpy()
 
 
 class IsolatedDecoder:
@@ -311,12 +312,15 @@ class IsolatedDecoder:
         """How many times the child was replaced after a crash or a hang."""
         return self._isolated.restarts
 
-    def decode_many(self, blobs: Sequence[bytes]) -> list[torch.Tensor | DecodeError]:
-        """Per blob: uint8 [3, H, W] tensor, or the DecodeError saying why not."""
+    def decode_many(self, blobs: Sequence[bytes]) -> list[torch.Tensor | dict[str, torch.Tensor] | DecodeError]:
+        """Per blob: uint8 [3, H, W] tensor (a NaFlex checkpoint: `NaFlexPreprocess.resize`'s dict), or the
+        DecodeError saying why not."""
         out: list[torch.Tensor | DecodeError] = []
         for outcome in self._isolated.map(list(blobs)):
             if isinstance(outcome, Crashed):
                 out.append(DecodeError(outcome.reason))
+            elif outcome[0] and isinstance(outcome[1], dict):
+                out.append({key: torch.from_numpy(value) for key, value in outcome[1].items()})
             elif outcome[0]:
                 out.append(torch.from_numpy(outcome[1]))
             else:

@@ -1,7 +1,9 @@
-"""Random models for demos, tests and benchmarks: the 'tiny' and 'so400m-random' presets, built without the hub.
+"""Random models for demos, tests and benchmarks: the 'tiny', 'so400m-random' and 'so400m-naflex-random' presets,
+built without the hub.
 
 Seeded, so every build gives the same weights; `save_tiny` writes the tiny one as a hub-style checkpoint, the full
-model with a real SentencePiece tokenizer trained here on generated English captions.
+model with a real SentencePiece tokenizer trained here on generated English captions; `save_tiny_siglip2` writes a
+tiny SigLIP 2 checkpoint (NaFlex, or fixed resolution) with a Gemma-style BPE tokenizer trained the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.hub import PREPROCESSOR_CONFIG
+from pipelines.hub import NAFLEX_MAX_NUM_PATCHES, NAFLEX_PATCH_SIZE, PREPROCESSOR_CONFIG
 
 # The so400m-patch14-384 preprocessing; also used by the tiny preset.
 SO400M_PREPROCESSOR = {
@@ -46,6 +48,24 @@ SO400M_VISION = {
     "patch_size": 14,
     "image_size": 384,
 }
+# so400m-patch16-naflex's vision geometry (SigLIP 2 NaFlex): 16-pixel patches, at most 256 of them per image.
+SO400M_NAFLEX_VISION = {**SO400M_VISION, "patch_size": NAFLEX_PATCH_SIZE, "num_patches": NAFLEX_MAX_NUM_PATCHES}
+SO400M_NAFLEX_VISION.pop("image_size")
+# The NaFlex checkpoints' preprocessing (Siglip2ImageProcessor): the image resized at its own aspect ratio to at most
+# max_num_patches patches of patch_size pixels, bilinear.
+NAFLEX_PREPROCESSOR = {
+    "do_resize": True,
+    "patch_size": NAFLEX_PATCH_SIZE,
+    "max_num_patches": NAFLEX_MAX_NUM_PATCHES,
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "Siglip2ImageProcessor",
+}
+TINY_NAFLEX_VISION = {**{k: v for k, v in TINY_VISION.items() if k != "image_size"}, "num_patches": 256}
 TINY_TEXT = {
     "eos_token_id": 1,
     "pad_token_id": 0,
@@ -111,6 +131,54 @@ def build_so400m_random(*, seed: int = 0, device: str | torch.device = "cpu") ->
     device = torch.device(device)
     with _seeded(seed, device), device:
         return SiglipVisionModel(SiglipVisionConfig(**SO400M_VISION)).eval()
+
+
+def build_so400m_naflex_random(*, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """so400m-patch16-naflex's vision tower (SigLIP 2 NaFlex) with seeded random weights, built on `device`."""
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    device = torch.device(device)
+    with _seeded(seed, device), device:
+        return Siglip2VisionModel(Siglip2VisionConfig(**SO400M_NAFLEX_VISION)).eval()
+
+
+def save_tiny_siglip2(directory: str | Path, *, naflex: bool = True, seed: int = 0) -> Path:
+    """A tiny SigLIP 2 checkpoint with random weights and a Gemma-style tokenizer: NaFlex (a Siglip2Model with
+    Siglip2ImageProcessor's config) or fixed resolution (a SiglipModel at 384 px, as the FixRes hub checkpoints)."""
+    from transformers import Siglip2Config, Siglip2Model, SiglipConfig, SiglipModel
+
+    directory = Path(directory)
+    with _seeded(seed):
+        if naflex:
+            model = Siglip2Model(Siglip2Config(vision_config=TINY_NAFLEX_VISION, text_config=TINY_TEXT)).eval()
+        else:
+            model = SiglipModel(SiglipConfig(vision_config=TINY_VISION, text_config=TINY_TEXT)).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(TINY_LOGIT_SCALE)
+        model.logit_bias.fill_(TINY_LOGIT_BIAS)
+    model.save_pretrained(directory)
+    preprocessor = NAFLEX_PREPROCESSOR if naflex else SO400M_PREPROCESSOR
+    (directory / PREPROCESSOR_CONFIG).write_text(json.dumps(preprocessor, indent=2))
+    tiny_gemma_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def tiny_gemma_tokenizer():
+    """A GemmaTokenizer (byte-fallback BPE, Gemma's special ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4) of
+    at most TINY_TEXT's vocabulary, trained on `tiny_corpus()`: deterministic."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # Gemma's own pre-processing: spaces become '▁' and stay with the word before them.
+    bpe.normalizer = normalizers.Replace(" ", "\u2581")
+    bpe.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    bpe.train_from_iterator(tiny_corpus(), trainers.BpeTrainer(
+        vocab_size=TINY_TEXT["vocab_size"], special_tokens=specials, show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
+    return GemmaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                          model_max_length=TINY_MAX_LENGTH)
 
 
 def save_tiny(directory: str | Path, *, seed: int = 0, full: bool = True) -> Path:

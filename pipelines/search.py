@@ -69,7 +69,7 @@ def embed_query(*, kind: str, query: str | None, pixels: Any, name_or_path: str,
 
         encoder = load_encoder(name_or_path, revision=revision, device=device, dtype=dtype)
         check_same_model(stored, encoder.metadata(), keys=IMAGE_KEYS)
-        vector = encoder.embed_uint8(encoder.preprocess.resize(pixels).unsqueeze(0))
+        vector = encoder.embed_uint8(encoder.preprocess.resize(pixels.unsqueeze(0)))  # a batch of one, either kind
         meta = encoder.metadata()
     else:
         from pipelines.text import load_text_encoder

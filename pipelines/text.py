@@ -1,4 +1,5 @@
-"""SigLIP's text tower and its tokenizer, loaded from the same full SiglipModel checkpoint as the vision encoder.
+"""SigLIP's text tower and its tokenizer, loaded from the same full checkpoint as the vision encoder (a SiglipModel,
+SigLIP 2's fixed-resolution ones included, or a SigLIP 2 NaFlex Siglip2Model).
 
 Knows nothing of files, Parquet or Triton: zero-shot classification, search, the `embed_text` serving model and the
 tests all call `load_text_encoder` and `TextEncoder.embed` the same way.
@@ -8,6 +9,10 @@ stripped of punctuation by the tokenizer, padded with `padding="max_length"` to 
 so400m; SigLIP was trained so, and shorter padding silently lowers accuracy), and truncated there: a longer text
 keeps its first max_length - 1 tokens and its end-of-sequence token. The model sees the token ids alone, without an
 attention mask: as SigLIP was trained, the pooled last position attends to the padding too.
+
+SigLIP 2 (either kind) comes with Gemma's tokenizer, whose own default pads on the left; it was trained on lower-cased
+text padded on the right to 64 tokens, so its texts are lower-cased here and every tokenizer pads on the right
+(special tokens, such as an end-of-sequence one, are as the checkpoint's tokenizer adds them).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import torch
 import pipelines
 from pipelines.devices import resolve_device
 from pipelines.errors import UserError
-from pipelines.hub import SO400M_RANDOM, TINY, WeightsUnavailableError, check_model, unavailable
+from pipelines.hub import PRESETS, TINY, WeightsUnavailableError, check_model, model_kind, unavailable
 from pipelines.siglip import resolve_dtype
 
 log = logging.getLogger(__name__)
 
-FULL_MODEL_TYPE = "siglip"
+# The full models (vision and text towers) by config.json's model_type.
+FULL_MODEL_TYPES = ("siglip", "siglip2")
 
 
 class TextTowerMissingError(UserError):
@@ -92,6 +98,8 @@ class TextEncoder:
     # As SiglipModel uses them: logits = exp(logit_scale) * cosine + logit_bias; probability = sigmoid(logits).
     logit_scale: float
     logit_bias: float
+    # SigLIP 2's texts are lower-cased before tokenizing, as it was trained (SigLIP's tokenizer does its own).
+    lowercase: bool = False
     embedding_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,8 +110,10 @@ class TextEncoder:
         texts = [check_text(text, row) for row, text in enumerate(texts)]
         if not texts:
             return torch.zeros((0, self.max_length), dtype=torch.int64)
+        if self.lowercase:
+            texts = [text.lower() for text in texts]
         return self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
-                              return_attention_mask=False, return_tensors="pt")["input_ids"]
+                              padding_side="right", return_attention_mask=False, return_tensors="pt")["input_ids"]
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> torch.Tensor:
@@ -132,13 +142,14 @@ class TextEncoder:
             "dtype": str(self.dtype).removeprefix("torch."),
             "max_length": self.max_length,
             "tokenizer": type(self.tokenizer).__name__,
+            "lowercase": self.lowercase,
             "version": pipelines.__version__,
         }
 
 
 def load_text_encoder(name_or_path: str, *, revision: str | None, device: str | torch.device,
                       dtype: str) -> TextEncoder:
-    """Load the text tower, tokenizer, logit scale and bias from a full SiglipModel checkpoint or the 'tiny' preset.
+    """Load the text tower, tokenizer, logit scale and bias from a full SigLIP / SigLIP 2 checkpoint or 'tiny'.
 
     A hub id, a local directory, or 'tiny' (saved to a temporary directory and loaded from there, so the preset takes
     the real loading path). A vision-only checkpoint raises TextTowerMissingError; one that cannot be had,
@@ -153,7 +164,7 @@ def load_text_encoder(name_or_path: str, *, revision: str | None, device: str | 
             encoder = _load(save_tiny(directory, full=True).as_posix(), None, device, torch_dtype)
         encoder.name_or_path, encoder.revision = TINY, None
         return encoder
-    if name_or_path == SO400M_RANDOM:
+    if name_or_path in PRESETS:
         raise TextTowerMissingError(
             f"model.name_or_path={name_or_path!r} is a vision-only preset: the text side needs a full SiglipModel "
             f"checkpoint (vision and text towers with their tokenizer), e.g. model=tiny or "
@@ -164,21 +175,23 @@ def load_text_encoder(name_or_path: str, *, revision: str | None, device: str | 
 def _load(name_or_path: str, revision: str | None, device: torch.device, dtype: torch.dtype) -> TextEncoder:
     offline = check_model(name_or_path, revision)
     local_only = offline is not None
+    model_kind(name_or_path, revision, offline)  # another architecture (CLIP, DINOv2): one line, nothing loaded
     # transformers' model classes take seconds to import: only once the checkpoint is known to be there.
-    from transformers import AutoConfig, AutoTokenizer, SiglipModel
+    from transformers import AutoConfig, AutoTokenizer, Siglip2Model, SiglipModel
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise WeightsUnavailableError(unavailable(name_or_path, exc, offline)) from exc
-    if config.model_type != FULL_MODEL_TYPE:
+    if config.model_type not in FULL_MODEL_TYPES:
         raise TextTowerMissingError(
             f"model.name_or_path={name_or_path!r} is a {type(config).__name__} checkpoint (model_type "
             f"{config.model_type!r}): the text side needs the full SiglipModel checkpoint (vision and text towers "
             f"with their tokenizer), as the hub ships google/siglip-so400m-patch14-384")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
-        model = SiglipModel.from_pretrained(name_or_path, revision=revision, local_files_only=local_only)
+        model = (Siglip2Model if config.model_type == "siglip2" else SiglipModel).from_pretrained(
+            name_or_path, revision=revision, local_files_only=local_only)
     except (OSError, ValueError, TypeError, ImportError) as exc:  # no spiece.model: TypeError; no sentencepiece
         raise WeightsUnavailableError(unavailable(name_or_path, exc, offline)) from exc
     text = model.text_model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -187,4 +200,10 @@ def _load(name_or_path: str, revision: str | None, device: torch.device, dtype: 
     return TextEncoder(text, tokenizer, name_or_path, commit, device, dtype,
                        max_length=int(config.text_config.max_position_embeddings),
                        logit_scale=float(model.logit_scale.detach().float()),
-                       logit_bias=float(model.logit_bias.detach().float()))
+                       logit_bias=float(model.logit_bias.detach().float()),
+                       lowercase=_is_gemma(tokenizer))
+
+
+def _is_gemma(tokenizer: Any) -> bool:
+    """Whether this is SigLIP 2's tokenizer (Gemma's; transformers names it Siglip2Tokenizer for NaFlex)."""
+    return any(name in type(tokenizer).__name__ for name in ("Gemma", "Siglip2"))

@@ -6,14 +6,21 @@ probability, sigmoid(logit_scale * cos + logit_bias), with the model's logit_sca
 logit_bias; the prediction is the most probable class. The vision tower never runs: the image side is the embed
 job's Parquet. The class embeddings are saved as Parquet beside the report (`class_embeddings.parquet`, with the
 model, names and templates in its footer) and reused while those are unchanged.
+
+Which names and templates: a protocol. `clip` is the one behind the published ImageNet figures (the CLIP paper's
+curated ImageNet class names and its 80 prompt templates, shipped in data/zeroshot/); `simple` is the class-name
+file's first lemma (or the folder names) with one template; `auto` is `clip` for dataset=imagenet, else `simple`.
+`class_names=` and `templates=` replace the protocol's names or templates; the table's header says what was used.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import string
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import store
-from pipelines.config import CONF_DIR, clean_errors
+from pipelines.config import CONF_DIR, REPO_ROOT, clean_errors
 from pipelines.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -36,13 +43,82 @@ CACHE_KEY = b"pipelines_zeroshot"
 TEXT_IDENTITY = ("model", "revision", "embedding_dim", "dtype")
 
 
-def check_templates(templates: list[str]) -> list[str]:
-    """Each template holds one '{}' for the class name (UserError otherwise)."""
-    if not templates:
-        raise UserError("templates=[]: give at least one prompt template, e.g. templates='[\"a photo of a {}.\"]'")
+# The CLIP paper's ImageNet class names (`<synset>\t<name>`, ImageNet's 1,000 synsets in order) and its 80 templates.
+ZEROSHOT_DATA = REPO_ROOT / "data" / "zeroshot"
+CLIP_CLASS_NAMES = ZEROSHOT_DATA / "imagenet_classnames.tsv"
+CLIP_TEMPLATES = ZEROSHOT_DATA / "imagenet_templates.txt"
+SIMPLE_TEMPLATES = ("a photo of a {}.",)
+PROTOCOLS = ("auto", "clip", "simple")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The names and templates of a zero-shot run: `name` 'clip' or 'simple', the class-name file it takes (None:
+    the usual search), its templates, and which of the two the user replaced."""
+
+    name: str
+    class_names: Path | None
+    templates: list[str]
+    custom: tuple[str, ...]
+
+    def describe(self, names_file: str | None) -> str:
+        """One line saying what was used, e.g. "protocol: clip (the CLIP paper's ImageNet class names and its 80
+        prompt templates, averaged: the protocol of the published figures)"."""
+        t = self.templates
+        if self.name == "clip" and not self.custom:
+            return (f"protocol: clip (the CLIP paper's ImageNet class names and its {len(t)} prompt templates, "
+                    "averaged: the protocol of the published figures)")
+        if names_file is None:
+            names = "the folder names"
+        elif Path(names_file).name == "LOC_synset_mapping.txt":
+            names = f"the first lemma of {names_file}"
+        else:
+            names = "the CLIP paper's ImageNet class names" if Path(names_file) == CLIP_CLASS_NAMES else names_file
+        templates = f"{len(t)} template{'s' if len(t) > 1 else ''} ({t[0]!r}{', ...' if len(t) > 1 else ''})"
+        custom = f"; given: {' and '.join(self.custom)}" if self.custom else ""
+        return f"protocol: {self.name} (class names: {names}; {templates}{custom})"
+
+
+def resolve_protocol(protocol: str, *, dataset: str | None, class_names: str | Path | None,
+                     templates: list[str] | str | None) -> Protocol:
+    """The protocol's names file and templates, `class_names` / `templates` taking their place when given
+    (UserError for an unknown protocol or a bad template)."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    name = ("clip" if dataset == "imagenet" else "simple") if protocol == "auto" else protocol
+    custom = tuple(key for key, value in (("class_names", class_names), ("templates", templates)) if value is not None)
+    if templates is None:
+        templates = read_templates(CLIP_TEMPLATES) if name == "clip" else list(SIMPLE_TEMPLATES)
+    names = Path(class_names) if class_names is not None else (CLIP_CLASS_NAMES if name == "clip" else None)
+    return Protocol(name, names, check_templates(templates), custom)
+
+
+def read_templates(path: Path) -> list[str]:
+    """A templates file: one template per line."""
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def check_templates(templates: list[str] | str) -> list[str]:
+    """Each template holds exactly one plain '{}' where the class name goes (UserError naming it otherwise); one
+    string is a list of one."""
+    if isinstance(templates, str):
+        templates = [templates]
+    if not isinstance(templates, (list, tuple)) or not templates:
+        raise UserError(f"templates={templates!r}: give a list of prompt templates, e.g. "
+                        "templates='[\"a photo of a {}.\"]'")
     for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise UserError(f"template {t!r}: expected exactly one '{{}}' where the class name goes")
+        if not isinstance(t, str):
+            raise UserError(f"template {t!r}: expected a string with one '{{}}' where the class name goes")
+        try:  # str.format's own reading: '{{' is a literal brace, '{x}' a named field, '{:>5}' a format spec
+            fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(t)
+                      if field is not None]
+        except ValueError as exc:
+            raise UserError(f"template {t!r}: {exc}; write a literal brace as '{{{{' or '}}}}'") from None
+        if fields != [("", "", None)]:
+            found = ", ".join("{" + field + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+                              for field, spec, conv in fields) or "none"
+            raise UserError(f"template {t!r}: expected exactly one '{{}}' where the class name goes, found "
+                            f"{found} (a literal brace is '{{{{' or '}}}}')")
     return list(templates)
 
 
@@ -180,18 +256,20 @@ def run_zeroshot(**settings: Any) -> dict[str, Any]:
     return evaluate(**settings)[0]
 
 
-def evaluate(*, embeddings_dir: str | Path, query_split: str, class_names: str | Path | None,
-             templates: list[str], name_or_path: str, revision: str | None, device: str, dtype: str,
-             batch_size: int, output_dir: str | Path | None, dataset_root: str | Path | None,
-             worst: int) -> tuple[dict[str, Any], str]:
-    """`run_zeroshot`, returning the report and the printed table."""
+def evaluate(*, embeddings_dir: str | Path, query_split: str, protocol: str, dataset: str | None,
+             class_names: str | Path | None, templates: list[str] | str | None, name_or_path: str,
+             revision: str | None, device: str, dtype: str, batch_size: int, output_dir: str | Path | None,
+             dataset_root: str | Path | None, worst: int) -> tuple[dict[str, Any], str]:
+    """`run_zeroshot`, returning the report and the printed table. `protocol` (auto, clip, simple; `dataset`, the
+    dataset's name, decides auto) gives the names and templates that `class_names` / `templates` do not."""
     from pipelines import classnames
     from pipelines import report as family
     from pipelines.hub import check_model
     from pipelines.index import check_same_model
 
     start = time.perf_counter()
-    templates = check_templates(list(templates))
+    plan = resolve_protocol(protocol, dataset=dataset, class_names=class_names, templates=templates)
+    templates = plan.templates
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise UserError(f"batch_size={batch_size!r}: expected a whole number of at least 1")
     embeddings_dir = Path(embeddings_dir)
@@ -199,8 +277,14 @@ def evaluate(*, embeddings_dir: str | Path, query_split: str, class_names: str |
     query = store.read_split(embeddings_dir, query_split)
     labels = sorted(set(query.labels))
     names_file = family.find_class_names(
-        class_names, [embeddings_dir, *([Path(dataset_root)] if dataset_root is not None else [])])
+        plan.class_names, [embeddings_dir, *([Path(dataset_root)] if dataset_root is not None else [])])
+    if names_file == CLIP_CLASS_NAMES and not set(labels) & set(classnames.read_names(names_file)):
+        raise UserError(f"protocol={plan.name}: the classes of {query_split} are not ImageNet synsets (e.g. "
+                        f"{labels[0]!r}), which the CLIP paper's class names are for; use protocol=simple or "
+                        "class_names=FILE")
     names = classnames.names_for(labels, names_file)
+    line = plan.describe(str(names_file) if names_file else None)
+    log.info("%s", line)
     check_same_model(query.metadata, {"model": name_or_path, "revision": revision}, keys=("model", "revision"))
     check_model(name_or_path, revision)  # a model not to be had: one line, before torch loads
     read_s = time.perf_counter() - start
@@ -220,7 +304,7 @@ def evaluate(*, embeddings_dir: str | Path, query_split: str, class_names: str |
     truth = np.searchsorted(np.asarray(labels), np.asarray(query.labels))
     return _report(out, query=query, labels=labels, names=names, truth=truth, top=top, probs=probs, worst=worst,
                    info={"embeddings_dir": str(embeddings_dir), "query_split": query_split,
-                         "templates": templates, "class_names": str(names_file) if names_file else None,
+                         "protocol": plan.name, "protocol_line": line, "templates": templates, "class_names": str(names_file) if names_file else None,
                          "model": query.metadata, "text_model": text.metadata(), "logit_scale": scale,
                          "logit_bias": text.logit_bias,
                          "class_embeddings": {"file": str(out / CLASS_EMBEDDINGS), "reused": reused}},
@@ -258,7 +342,8 @@ def _header(report: dict[str, Any]) -> list[str]:
              f"zero-shot over {report['num_classes']} classes, {report['query_split']} {report['num_query']}"),
             (f"{len(t)} prompt template(s) ({t[0]!r}{', ...' if len(t) > 1 else ''}); class names from "
              f"{report['class_names'] or 'the folder names'}; class embeddings {reused} "
-             f"({report['class_embeddings']['file']})")]
+             f"({report['class_embeddings']['file']})"),
+            *([report["protocol_line"]] if "protocol_line" in report else [])]
 
 
 def format_report(report: dict[str, Any], table: Any) -> str:
@@ -272,9 +357,12 @@ def format_report(report: dict[str, Any], table: Any) -> str:
 @clean_errors(FileNotFoundError, PermissionError)
 def main(cfg: DictConfig) -> None:
     root = None if OmegaConf.is_missing(cfg.dataset, "root") else cfg.dataset.root
+    # templates='a photo of a {}.' (one string, not a list) is a list of one.
+    templates = OmegaConf.to_container(cfg.templates) if OmegaConf.is_config(cfg.templates) else cfg.templates
     _, table = evaluate(
-        embeddings_dir=cfg.embeddings_dir, query_split=cfg.query_split, class_names=cfg.class_names,
-        templates=OmegaConf.to_container(cfg.templates), name_or_path=cfg.model.name_or_path,
+        embeddings_dir=cfg.embeddings_dir, query_split=cfg.query_split, protocol=cfg.protocol,
+        dataset=cfg.dataset.name, class_names=cfg.class_names, templates=templates,
+        name_or_path=cfg.model.name_or_path,
         revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
         output_dir=cfg.output_dir, dataset_root=root, worst=cfg.worst,
     )

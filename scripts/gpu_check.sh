@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of the embed job's fast path: so400m-patch14-384's geometry with random weights (the model hub is not
-# needed) on one H100/H200, no network, under 8 minutes:
+# needed) on one H100/H200, no network, under 9 minutes:
 #   step 1  the model alone, bfloat16 and float16, batch 64 / 128 / 256, eager; the Parquet writer alone;
 #   step 2  decode + preprocess on one core (ours vs SiglipImageProcessor; nvjpeg vs CPU pixels), the model alone
 #           compiled (torch.compile) at batch 256 in bfloat16, then the embed job (bfloat16, compiled, batch 256,
 #           16 workers) on 10,000 generated 500x375 JPEGs (quality 90), decoding in the workers and, second, on
 #           the GPU with nvjpeg; each next to its data path alone;
 #   step 3  the model alone compiled at batch 256 in float16;
-#   step 4  (more than one GPU) the embed job with device=auto, every GPU, against cuda:0 alone, as a ratio.
-# Each step runs under a `timeout` (120 + 240 + 90 s): one cut short keeps the figures it had written.
+#   step 4  SigLIP 2 NaFlex: so400m-patch16-naflex's geometry (random weights, 256 patches of 500x375 images), the
+#           model alone in bfloat16 at batch 64 / 256, eager;
+#   step 5  (more than one GPU) the embed job with device=auto, every GPU, against cuda:0 alone, as a ratio.
+# Each step runs under a `timeout` (120 + 240 + 90 + 90 s, step 5 240 s): one cut short keeps the figures it had
+# written.
 # Each step prints its report (images/s, TFLOP/s, MFU against the card's dense bf16 peak, FLOPs counted from the
 # model) and writes JSON; the figures and logs go to $OUT (else outputs/gpu-check). docs/perf.md explains them.
 #
@@ -55,7 +58,9 @@ if [ "$mode" = gpu ]; then
          "embed.device_decode=[false,true]" embed.rounds=1)
   step3=("sweep.dtypes=[float16]" "sweep.batch_sizes=[256]" "sweep.compile=[true]"
          sweep.warmup=3 sweep.iters=10 sweep.repeats=3)
-  limits=(120 240 90)
+  step4=(model=so400m_naflex_random device=cuda "work_dir=$work" "sweep.dtypes=[bfloat16]" "sweep.batch_sizes=[64,256]"
+         "sweep.compile=[false]" sweep.warmup=3 sweep.iters=10 sweep.repeats=3)
+  limits=(120 240 90 90)
 else
   common=(model=tiny device=cpu "work_dir=$work")
   step1=("sweep.dtypes=[float32,bfloat16]" "sweep.batch_sizes=[8,16]" "sweep.compile=[false]"
@@ -67,7 +72,9 @@ else
          "embed.device_decode=[false,true]" embed.rounds=1)
   step3=("sweep.dtypes=[bfloat16]" "sweep.batch_sizes=[16]" "sweep.compile=[true]"
          sweep.warmup=2 sweep.iters=2 sweep.repeats=1)
-  limits=(120 240 150)
+  step4=(model=so400m_naflex_random device=cpu "work_dir=$work" "sweep.dtypes=[float32]" "sweep.batch_sizes=[2]"
+         "sweep.compile=[false]" sweep.warmup=1 sweep.iters=1 sweep.repeats=1)
+  limits=(120 240 150 120)
 fi
 
 "$py" -c "import hydra, torch, torchvision, transformers; print('torch', torch.__version__, 'torchvision',
@@ -84,6 +91,9 @@ timeout "${limits[1]}" "$py" -m pipelines.bench "${common[@]}" "parts=[preproces
 echo "== step 3: the model alone compiled, the second dtype"
 timeout "${limits[2]}" "$py" -m pipelines.bench "${common[@]}" "parts=[model]" "${step3[@]}" \
   "output=$out/step3-compiled.json" 2>&1 | tee "$out/step3-compiled.log" || status=1
+echo "== step 4: SigLIP 2 NaFlex, the model alone (so400m-patch16-naflex geometry)"
+timeout "${limits[3]}" "$py" -m pipelines.bench "${step4[@]}" "parts=[model]" \
+  "output=$out/step4-naflex.json" 2>&1 | tee "$out/step4-naflex.log" || status=1
 if [ "$mode" = gpu ]; then
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
   one=(--one cuda:0 --all auto --model so400m-random --images 8000 --batch-size 256)
@@ -92,9 +102,10 @@ else
   one=(--one cpu --all "[cpu,cpu]" --model tiny --images 200 --batch-size 16)
 fi
 if [ "${gpus:-0}" -gt 1 ]; then
-  echo "== step 4: the embed job on every device (device=auto) against one, as a ratio"
-  timeout 240 "$py" -m pipelines.bench.devices "${one[@]}" --dir "$work/devices" 2>&1 | tee "$out/step4-devices.log" \
+  echo "== step 5: the embed job on every device (device=auto) against one, as a ratio"
+  timeout 240 "$py" -m pipelines.bench.devices "${one[@]}" --dir "$work/devices" 2>&1 | tee "$out/step5-devices.log" \
     || status=1
 fi
-echo "== figures in $out: step1-eager.json, step2-compiled.json, step3-compiled.json (and logs); exit status $status"
+echo "== figures in $out: step1-eager.json, step2-compiled.json, step3-compiled.json, step4-naflex.json (and logs);" \
+  "exit status $status"
 exit $status

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipelines.config import CONF_DIR
-from pipelines.presets import save_tiny
+from pipelines.presets import save_tiny, save_tiny_siglip2
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_vision_checkpoint(tmp_path_factory) -> Path:
     """A vision-only SiglipVisionModel checkpoint (no tokenizer) with the same weights as the `tiny` preset."""
     return save_tiny(tmp_path_factory.mktemp("tiny-vision"), full=False)
+
+
+@pytest.fixture(scope="session")
+def naflex_checkpoint(tmp_path_factory) -> Path:
+    """A tiny SigLIP 2 NaFlex checkpoint (Siglip2Model, Siglip2ImageProcessor's config, a Gemma-style tokenizer)."""
+    return save_tiny_siglip2(tmp_path_factory.mktemp("tiny-naflex"), naflex=True)
+
+
+@pytest.fixture(scope="session")
+def siglip2_fixres_checkpoint(tmp_path_factory) -> Path:
+    """A tiny SigLIP 2 fixed-resolution checkpoint: a SiglipModel at 384 px with a Gemma-style tokenizer."""
+    return save_tiny_siglip2(tmp_path_factory.mktemp("tiny-siglip2-fixres"), naflex=False)
 
 
 @pytest.fixture(scope="session")

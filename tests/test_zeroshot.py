@@ -50,9 +50,50 @@ def test_logits_and_probabilities_are_siglips():
 
 def test_templates_need_one_placeholder():
     assert zeroshot.check_templates(["a {}."]) == ["a {}."]
-    for bad in ([], ["a photo"], ["{} and {}"]):
+    assert zeroshot.check_templates("a photo of a {}.") == ["a photo of a {}."]  # one string: a list of one
+    for bad in ([], ["a photo"], ["{} and {}"], 5, [3]):
         with pytest.raises(UserError):
             zeroshot.check_templates(bad)
+
+
+@pytest.mark.parametrize(("template", "expected"), [
+    ("a {} photo {x}", "found {}, {x}"),  # str.format would raise KeyError: 'x'
+    ("a photo of {{}}", "found none"),  # literal braces: every class would get the same prompt
+    ("a {0} photo", "found {0}"),
+    ("a {!r} photo", "found {!r}"),
+    ("a photo of {", "Single '{' encountered"),
+])
+def test_templates_str_format_would_misread_are_one_line(template, expected):
+    with pytest.raises(UserError) as info:
+        zeroshot.check_templates([template])
+    assert expected in str(info.value) and repr(template) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_protocols_give_names_and_templates():
+    clip = zeroshot.resolve_protocol("auto", dataset="imagenet", class_names=None, templates=None)
+    assert clip.name == "clip" and clip.class_names == zeroshot.CLIP_CLASS_NAMES and len(clip.templates) == 80
+    assert clip.describe(str(clip.class_names)).startswith("protocol: clip (the CLIP paper's ImageNet class names "
+                                                           "and its 80 prompt templates")
+    simple = zeroshot.resolve_protocol("auto", dataset="sample", class_names=None, templates=None)
+    assert (simple.name, simple.class_names, simple.templates) == ("simple", None, ["a photo of a {}."])
+    assert simple.describe("/d/LOC_synset_mapping.txt") == (
+        "protocol: simple (class names: the first lemma of /d/LOC_synset_mapping.txt; 1 template ('a photo of a {}.'))")
+    mixed = zeroshot.resolve_protocol("clip", dataset=None, class_names=None, templates="a {}.")
+    assert mixed.templates == ["a {}."] and mixed.custom == ("templates",)
+    assert mixed.describe(str(zeroshot.CLIP_CLASS_NAMES)).endswith("1 template ('a {}.'); given: templates)")
+    with pytest.raises(UserError, match="protocol='openai': expected one of auto, clip, simple"):
+        zeroshot.resolve_protocol("openai", dataset=None, class_names=None, templates=None)
+
+
+def test_the_shipped_clip_names_and_templates():
+    """ImageNet's 1,000 synsets in their standard (sorted) order, each with a name; 80 templates, each valid."""
+    names = classnames.read_names(zeroshot.CLIP_CLASS_NAMES)
+    labels = list(names)
+    assert len(labels) == 1000 and labels == sorted(labels) and all(label[0] == "n" for label in labels)
+    assert (names["n01440764"], names["n02012849"], names["n03126707"]) == ("tench", "crane bird",
+                                                                             "construction crane")
+    templates = zeroshot.read_templates(zeroshot.CLIP_TEMPLATES)
+    assert len(set(templates)) == 80 and zeroshot.check_templates(templates) == templates
 
 
 def test_class_embeddings_saved_with_metadata_reused_and_recomputed(tmp_path):
@@ -103,6 +144,9 @@ def test_class_names_from_synset_mapping_tab_file_and_folders(tmp_path):
     (tmp_path / "bad.txt").write_text("n01440764\n")
     with pytest.raises(UserError, match="bad.txt:1"):
         classnames.read_names(tmp_path / "bad.txt")
+    (tmp_path / "twice.tsv").write_text("bag\thandbag\ntrouser\ttrousers\nbag\tpurse\n")
+    with pytest.raises(UserError, match=r"twice.tsv:3: label 'bag' is named again \(first on line 1\)"):
+        classnames.read_names(tmp_path / "twice.tsv")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +157,8 @@ def embedded(tmp_path_factory):
 
 
 def run(out, **kw):
-    args = {"embeddings_dir": out, "query_split": "valid", "class_names": None, "templates": ["a photo of a {}."],
+    args = {"embeddings_dir": out, "query_split": "valid", "protocol": "simple", "dataset": None, "class_names": None,
+            "templates": ["a photo of a {}."],
             "name_or_path": "tiny", "revision": None, "device": "cpu", "dtype": "float32", "batch_size": 4,
             "output_dir": None, "dataset_root": None, "worst": 5}
     return zeroshot.run_zeroshot(**{**args, **kw})
@@ -182,10 +227,19 @@ def test_cli_prints_the_table(embedded, tmp_path):
 
     _, out = embedded
     run_ = subprocess.run([sys.executable, "-m", "pipelines.zeroshot", "model=tiny", f"embeddings_dir={out}",
-                           "device=cpu", f"output_dir={tmp_path}/z"], check=False, capture_output=True, text=True,
-                          cwd=REPO_ROOT, timeout=300)
+                           "device=cpu", f"output_dir={tmp_path}/z", "templates='a photo of the {}.'"], check=False,
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert run_.returncode == 0, run_.stderr
     assert "zero-shot over 3 classes, valid 9" in run_.stdout and "top-1 " in run_.stdout
+    assert ("protocol: simple (class names: the folder names; 1 template ('a photo of the {}.'); given: templates)"
+            in run_.stdout)
+    # Checked before any model loads: the model named here does not exist.
+    for setting, expected in (('templates=["a {} photo {x}"]', "found {}, {x}"),
+                              ("protocol=clip", "are not ImageNet synsets (e.g. 'ankle_boot')")):
+        bad = subprocess.run([sys.executable, "-m", "pipelines.zeroshot", "model.name_or_path=/no/such/model",
+                              f"embeddings_dir={out}", setting], check=False, capture_output=True, text=True,
+                             cwd=REPO_ROOT, timeout=300)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and expected in bad.stderr, bad.stderr
     bad = subprocess.run([sys.executable, "-m", "pipelines.zeroshot", "model=tiny", f"embeddings_dir={out}",
                           "query_split=test"], check=False, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "split=test" in bad.stderr

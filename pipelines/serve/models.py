@@ -16,6 +16,7 @@ import torch
 
 from pipelines.data import DecodeError
 from pipelines.serve import names
+from pipelines.siglip import stack_pixels
 
 # embed_image's default pixel limit, below the embed job's (PIL's 89.5 Mpx): a server takes files from anyone,
 # and 25 Mpx (e.g. 6000x4000, a 24 Mpx camera) is 75 MB decoded.
@@ -78,18 +79,20 @@ def resolve_max_pixels(value: str | int) -> int:
     return pixels
 
 
-DecodeMany = Callable[[list[bytes]], list["torch.Tensor | DecodeError"]]
+Pixels = torch.Tensor | dict[str, torch.Tensor]
+DecodeMany = Callable[[list[bytes]], list["Pixels | DecodeError"]]
 
 
-def decode_requests(requests: Sequence[np.ndarray], decode_many: DecodeMany) -> list[torch.Tensor | DecodeError]:
-    """Per request BYTES [n, 1] (or [n]) -> uint8 [n, 3, H, W], or a DecodeError naming each bad row and why.
+def decode_requests(requests: Sequence[np.ndarray], decode_many: DecodeMany) -> list[Pixels | DecodeError]:
+    """Per request BYTES [n, 1] (or [n]) -> uint8 [n, 3, H, W] (a NaFlex checkpoint: its dict of [n, ...]
+    tensors), or a DecodeError naming each bad row and why.
 
     All rows of all requests go to `decode_many` (e.g. `IsolatedDecoder.decode_many`: decode + resize in a
     child process) in one call; a bad row fails its own request, and no other.
     """
     rows = [[bytes(blob) for blob in blobs.reshape(-1)] for blobs in requests]
     decoded = iter(decode_many([blob for request in rows for blob in request]))
-    results: list[torch.Tensor | DecodeError] = []
+    results: list[Pixels | DecodeError] = []
     for request in rows:
         images = [next(decoded) for _ in request]
         bad = [f"{names.IMAGE}[{row}]: {image}" for row, image in enumerate(images) if isinstance(image, Exception)]
@@ -98,7 +101,7 @@ def decode_requests(requests: Sequence[np.ndarray], decode_many: DecodeMany) -> 
         elif bad:
             results.append(DecodeError("; ".join(bad)))
         else:
-            results.append(torch.stack(images))
+            results.append(stack_pixels(images))
     return results
 
 
@@ -110,6 +113,24 @@ def non_finite_rows(pixels: np.ndarray) -> str | None:
     rows = np.flatnonzero(~finite)
     named = ", ".join(f"{names.PIXEL_VALUES}[{row}]" for row in rows[:8]) + (" ..." if len(rows) > 8 else "")
     return f"{named}: pixel values must be finite (found NaN or inf)"
+
+
+def naflex_rows(pixels: np.ndarray, mask: np.ndarray, shapes: np.ndarray) -> str | None:
+    """A NaFlex request (float32 [n, N, 3*p*p] patches, int32 [n, N] mask, int64 [n, 2] grids) -> None when every
+    row is one the model can take, else a message naming the bad rows and why (NaN/inf first)."""
+    non_finite = non_finite_rows(pixels)
+    if non_finite is not None:
+        return non_finite
+    bad = []
+    for row, ((rows, cols), marks) in enumerate(zip(shapes.tolist(), mask, strict=True)):
+        count = rows * cols
+        if rows < 1 or cols < 1 or count > len(marks):
+            bad.append(f"{names.SPATIAL_SHAPES}[{row}]=[{rows}, {cols}]: expected at least one patch and at most "
+                       f"{len(marks)} (rows x columns)")
+        elif not (marks[:count] == 1).all() or (marks[count:] != 0).any():
+            bad.append(f"{names.PIXEL_ATTENTION_MASK}[{row}]: expected {count} ones (the {rows}x{cols} patches, "
+                       "first) then zeros")
+    return "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else "") if bad else None
 
 
 def embed_batch(inputs: Sequence[Any], embed: Callable[[list[Any]], Any], *, good: Callable[[Any], bool]) -> list[Any]:

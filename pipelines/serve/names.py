@@ -17,6 +17,14 @@ MODELS = (
 
 # siglip: FP32 [B, 3, 384, 384] preprocessed pixel values -> FP32 [B, D].
 PIXEL_VALUES = "PIXEL_VALUES"
+# siglip for a SigLIP 2 NaFlex checkpoint (the launcher renders these inputs instead): PIXEL_VALUES FP32
+# [B, N, 3*p*p] patches (N = max_num_patches, p = patch_size; `NaFlexPreprocess`'s layout, normalised), their
+# mask INT32 [B, N] (1 = a patch, 0 = padding) and patch grid INT64 [B, 2] (rows, columns) -> FP32 [B, D].
+PIXEL_ATTENTION_MASK = "PIXEL_ATTENTION_MASK"
+SPATIAL_SHAPES = "SPATIAL_SHAPES"
+# NaFlex's tensors by the key `NaFlexPreprocess` gives them.
+NAFLEX_INPUTS = {"pixel_values": PIXEL_VALUES, "pixel_attention_mask": PIXEL_ATTENTION_MASK,
+                 "spatial_shapes": SPATIAL_SHAPES}
 # embed_image: BYTES [B, 1], one encoded image file (JPEG, PNG, ...) per row -> FP32 [B, D].
 IMAGE = "IMAGE"
 # embed_text: BYTES [B, 1], one UTF-8 text per row -> FP32 [B, D] (SigLIP's text tower).

@@ -23,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.hub import WeightsUnavailableError, input_geometry
 from pipelines.serve import ServerError, names, watchdog
 from pipelines.serve.install import ServerInstall, find_install
 from pipelines.serve.ports import free_port, port_in_use
@@ -57,7 +58,7 @@ def prepare_server(*, run_dir: Path, model: str, revision: str | None, repositor
     options = ModelOptions(
         name_or_path=model, revision=revision, dtype=dtype, device=device, num_threads=str(num_threads),
         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, decode_instances=decode_instances,
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, geometry=_geometry(model, revision),
     )
     return TritonServer(
         install=find_install(tritonserver, run_dir),
@@ -67,6 +68,16 @@ def prepare_server(*, run_dir: Path, model: str, revision: str | None, repositor
         address=address, shm_default_mb=shm_default_mb, shm_growth_mb=shm_growth_mb, exit_timeout_s=exit_timeout_s,
         load_timeout_s=ready_timeout_s, echo=echo_log,
     )
+
+
+def _geometry(model: str, revision: str | None) -> tuple[str, int, int] | None:
+    """`hub.input_geometry`, or None (siglip's committed inputs) when the checkpoint's config cannot be had here:
+    the model instances then say so themselves, in their own load error, as for any checkpoint."""
+    try:
+        return input_geometry(model, revision)
+    except WeightsUnavailableError as exc:
+        log.warning("%s; siglip keeps its committed inputs", exc)
+        return None
 
 
 @dataclass(kw_only=True)

@@ -28,6 +28,10 @@ class ModelOptions:
     max_queue_delay_us: int
     decode_instances: int
     max_pixels: int
+    # What the checkpoint's vision tower takes (`hub.input_geometry`): ('fixres', H, W) gives siglip [3, H, W]
+    # pixels, ('naflex', max_num_patches, patch_size) NaFlex's patches, mask and grid; None keeps the committed
+    # [3, 384, 384].
+    geometry: tuple[str, int, int] | None = None
 
 
 def read_config(path: Path):
@@ -68,11 +72,29 @@ def render_config(config, options: ModelOptions) -> None:
         _set_parameter(config, names.PARAM_DTYPE, options.dtype)
         _set_parameter(config, names.PARAM_THREADS, str(options.num_threads))
         _place(config.instance_group[0], options.device)
+    if options.geometry is not None and config.input[0].name == names.PIXEL_VALUES:
+        kind, a, b = options.geometry
+        if kind == "naflex":
+            _naflex_inputs(config, max_num_patches=a, patch_size=b)
+        else:
+            config.input[0].dims[:] = [3, a, b]
     if names.PARAM_MAX_PIXELS in declared:
         config.instance_group[0].count = options.decode_instances
         if options.max_pixels < 1:
             raise ServerError(f"max_pixels={options.max_pixels}: expected a positive number of pixels")
         _set_parameter(config, names.PARAM_MAX_PIXELS, str(options.max_pixels))
+
+
+def _naflex_inputs(config, max_num_patches: int, patch_size: int) -> None:
+    """siglip's inputs for a NaFlex checkpoint: the patches, their mask and their grid (see names.py)."""
+    from tritonclient.grpc import model_config_pb2
+
+    types = model_config_pb2.DataType
+    del config.input[:]
+    for name, dtype, dims in ((names.PIXEL_VALUES, "TYPE_FP32", [max_num_patches, 3 * patch_size ** 2]),
+                              (names.PIXEL_ATTENTION_MASK, "TYPE_INT32", [max_num_patches]),
+                              (names.SPATIAL_SHAPES, "TYPE_INT64", [2])):
+        config.input.add(name=name, data_type=types.Value(dtype), dims=dims)
 
 
 def _place(group, device: str) -> None:

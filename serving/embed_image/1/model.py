@@ -19,7 +19,7 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if
 
 from pipelines.isolate import IsolatedDecoder
 from pipelines.serve import models, names
-from pipelines.siglip import load_preprocess
+from pipelines.siglip import cat_pixels, load_preprocess
 
 
 class TritonPythonModel:
@@ -34,22 +34,26 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         blobs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        decoded = models.decode_requests(blobs, self.decoder.decode_many)  # uint8 [n, 3, H, W] or the error
+        # uint8 [n, 3, H, W] (NaFlex: its dict of [n, ...] tensors), or the error
+        decoded = models.decode_requests(blobs, self.decoder.decode_many)
         # Every good request's images in one call of siglip; its error, if it answers one, goes to each of them.
-        results = models.embed_batch(decoded, lambda good: self._siglip(torch.cat(good)),
-                                     good=lambda d: isinstance(d, torch.Tensor))
+        results = models.embed_batch(decoded, lambda good: self._siglip(cat_pixels(good)),
+                                     good=lambda d: not isinstance(d, Exception))
         return models.responses(pb_utils, self.output_name, results)
 
     def finalize(self) -> None:
         self.decoder.close()
 
-    def _siglip(self, images: torch.Tensor):
-        """uint8 [B, 3, H, W] -> float32 [B, D] embeddings from `siglip`, or the error it answered."""
-        pixels = self.preprocess.normalize(images).numpy()  # float32, as the embed job feeds the encoder
+    def _siglip(self, images):
+        """uint8 [B, 3, H, W] (NaFlex: its dict) -> float32 [B, D] embeddings from `siglip`, or the error it
+        answered."""
+        pixels = self.preprocess.normalize(images)  # float32, as the embed job feeds the encoder
+        if isinstance(pixels, dict):  # NaFlex: patches, mask and grid, as siglip's rendered inputs name them
+            inputs = [pb_utils.Tensor(names.NAFLEX_INPUTS[key], value.numpy()) for key, value in pixels.items()]
+        else:
+            inputs = [pb_utils.Tensor(names.PIXEL_VALUES, pixels.numpy())]
         response = pb_utils.InferenceRequest(
-            model_name=names.SIGLIP,
-            requested_output_names=[names.EMBEDDING],
-            inputs=[pb_utils.Tensor(names.PIXEL_VALUES, pixels)],
+            model_name=names.SIGLIP, requested_output_names=[names.EMBEDDING], inputs=inputs,
         ).exec()
         if response.has_error():
             return response.error()
