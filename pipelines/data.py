@@ -642,9 +642,9 @@ def resize_all(images: list[torch.Tensor], preprocess: Preprocess, *, device: to
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for k, image in enumerate(images):
         by_shape[tuple(image.shape)].append(k)
-    out: list[torch.Tensor | None] = [None] * len(images)
+    out: list[Any] = [None] * len(images)
     for positions in by_shape.values():
         resized = preprocess.resize(torch.stack([images[k] for k in positions]))
-        for j, k in enumerate(positions):
-            out[k] = resized[j]
-    return torch.stack(out)
+        for j, k in enumerate(positions):  # a NaFlex preprocessing gives a dict of batched tensors
+            out[k] = {key: value[j] for key, value in resized.items()} if isinstance(resized, dict) else resized[j]
+    return stack_pixels(out) if isinstance(out[0], dict) else torch.stack(out)

@@ -33,6 +33,7 @@ from pipelines.data import (
     decoded,
     worker_init,
 )
+from pipelines.errors import UserError
 from pipelines.isolate import Crashed, Isolated
 from pipelines.runners.split import Job, SplitStats, record_errors, start_split, write_split
 from pipelines.siglip import Encoder, Preprocess
@@ -91,6 +92,9 @@ def run(job: Job, splits: Mapping[str, list[ImageRecord]], *, device_decode: boo
     from pipelines.runners.stream import Units, embed_units
 
     encoder = job.encoder.load()
+    if device_decode and not isinstance(encoder.preprocess, Preprocess):
+        raise UserError("runner.device_decode=true decodes into fixed-size images; a NaFlex checkpoint keeps each "
+                        "image's aspect ratio: run it with runner.device_decode=false")
     if encoder.device.type == "cpu" and job.threads is not None:
         torch.set_num_threads(job.threads)
     if job.compile:
@@ -242,7 +246,7 @@ class InChildDataset(torch.utils.data.Dataset):
             else:
                 item = outcome[1]
                 if item["pixels"] is not None:
-                    item["pixels"] = torch.from_numpy(item["pixels"])
+                    item["pixels"] = _as_torch(item["pixels"])
                 items.append(item)
         return items
 
@@ -259,8 +263,16 @@ class _ItemAsNumpy:
     def __call__(self, i: int) -> dict[str, Any]:
         item = self.dataset[i]
         if item["pixels"] is not None:
-            item["pixels"] = item["pixels"].numpy()
+            pixels = item["pixels"]  # a tensor, or a NaFlex preprocessing's dict of them
+            item["pixels"] = {k: v.numpy() for k, v in pixels.items()} if isinstance(pixels, dict) else pixels.numpy()
         return item
+
+
+def _as_torch(pixels: Any) -> Any:
+    """`_ItemAsNumpy`'s pixels back as tensors (a dict key by key)."""
+    if isinstance(pixels, dict):
+        return {key: torch.from_numpy(value) for key, value in pixels.items()}
+    return torch.from_numpy(pixels)
 
 
 def _loop(loader, encoder: Encoder, records: list[ImageRecord], writer: PartWriter, split_dir: Path,

@@ -70,6 +70,9 @@ def run(
 
     check_workers(job.num_workers)
     preprocess, metadata = job.encoder.preprocess(), job.encoder.metadata()
+    if not isinstance(preprocess, Preprocess):
+        raise UserError(f"{job.encoder.name_or_path} is a NaFlex checkpoint (each image at its own aspect ratio); "
+                        "runner=ray decodes into fixed-size images: embed it with runner=local")
     results = []
     for split, records in splits.items():
         if isinstance(records, Units):  # a shard source: one decode task per unit, skipping what is done
