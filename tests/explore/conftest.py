@@ -14,7 +14,7 @@ from pipelines.explore.app import Limits
 from pipelines.explore.server import build_explorer
 from pipelines.validate import run_validate
 
-LABELS = ("bag", "sneaker", "trouser")
+LABELS = ("bag", "pullover", "sandal", "shirt", "sneaker", "trouser")
 LIMITS = Limits(max_query_chars=100, max_k=50, max_upload_bytes=200_000, max_upload_pixels=1_000_000)
 DEDUP_ANN = {"exact_below": 50000, "hnsw_below": 200000, "ivf_nlist": "auto", "ivf_nprobe": 8,
              "ivf_train_rows": "auto", "ivf_train_iters": 10, "hnsw_m": 16, "hnsw_ef_construction": 80,
@@ -23,7 +23,7 @@ DEDUP_ANN = {"exact_below": 50000, "hnsw_below": 200000, "ivf_nlist": "auto", "i
 
 @pytest.fixture(scope="session")
 def explored(tmp_path_factory) -> dict:
-    """3 classes x (4 train + 3 valid) of data/sample, plus `train/bag/escape.png`, a symlink to an image outside
+    """6 classes x (4 train + 3 valid) of data/sample, plus `train/bag/escape.png`, a symlink to an image outside
     the dataset (the embed job follows it: a row whose file lies elsewhere), embedded with the tiny model;
     validate's and dedup's outputs beside the embeddings; a secret file beside the dataset."""
     base = tmp_path_factory.mktemp("explore")

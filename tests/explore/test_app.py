@@ -188,8 +188,8 @@ def test_reports_and_duplicates_are_the_files_beside_the_embeddings(url, explore
     dup = requests.get(f"{url}/api/duplicates", params={"limit": 3}, timeout=60).json()
     assert dup["total"] == len(pairs) and [p["path_a"] for p in dup["pairs"]] == pairs["path_a"][:3].tolist()
     info = requests.get(f"{url}/api/info", timeout=60).json()
-    assert set(info["reports"]) == {"validation", "duplicates"} and info["rows"] == 22
-    assert info["splits"] == {"train": 13, "valid": 9} and info["labels"]["bag"] == 8
+    assert set(info["reports"]) == {"validation", "duplicates"} and info["rows"] == 43
+    assert info["splits"] == {"train": 25, "valid": 18} and info["labels"]["bag"] == 8
 
 
 def test_startup_checks_are_one_line(explored, tmp_path):

@@ -194,6 +194,10 @@ document.querySelectorAll("#per-class th").forEach(th => {
 $("#dup-cross").addEventListener("change", () => { state.dupOffset = 0; showDuplicates(); });
 $("#dup-prev").addEventListener("click", () => { state.dupOffset = Math.max(0, state.dupOffset - 25); showDuplicates(); });
 $("#dup-next").addEventListener("click", () => { state.dupOffset += 25; showDuplicates(); });
+// A thumbnail the app refuses (a file gone, or a symlink leading outside the dataset) is marked, not hidden.
+document.addEventListener("error", e => {
+  if (e.target.tagName === "IMG") { e.target.classList.add("broken"); e.target.alt = "image not served"; }
+}, true);
 let dragDepth = 0;
 document.addEventListener("dragenter", e => { e.preventDefault(); dragDepth++; $("#drop").hidden = false; });
 document.addEventListener("dragleave", () => { if (--dragDepth <= 0) { dragDepth = 0; $("#drop").hidden = true; } });
