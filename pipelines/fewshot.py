@@ -244,8 +244,8 @@ def _header(run: dict[str, Any]) -> list[str]:
     device = f" on {backend['device']}" if "device" in backend else ""
     available = f" of {run['num_train_available']}" if s["subsampled"] else ""
     dropped = run.get("duplicates_excluded")
-    extra = [f"excluded {dropped['dropped']} of {dropped['of']} {s['query_split']} images with a near-copy in "
-             f"{s['train_split']} (cosine >= {dropped['threshold']})"] if dropped else []
+    extra = [(f"excluded {dropped['dropped']} of {dropped['of']} {s['query_split']} images with a near-copy in "
+              f"{s['train_split']} (cosine >= {dropped['threshold']})")] if dropped else []
     return [
         (f"{run['embeddings_dir']}: {model['model']} ({model['embedding_dim']}-d), "
          f"k={s['k']} {s['weights']} {s['metric']}, backend {backend['name']}{device}"),

@@ -78,7 +78,7 @@ def test_planted_copies_are_found_once_with_their_leakage(planted, index):
 
 
 def test_one_split_and_a_row_with_more_copies_than_k(planted, tmp_path, caplog):
-    out, train, _ = planted
+    out, _, _ = planted
     summary = run(out, splits=["valid"], output_dir=tmp_path / "d")
     assert summary["pairs"] == 0 and summary["leakage"] == {} and summary["splits"] == ["valid"]
     with caplog.at_level("WARNING", logger="pipelines.dedup"):

@@ -143,7 +143,7 @@ def test_ivf_with_more_cells_than_the_rows_allow_uses_fewer_and_says_so(tmp_path
                                options={**OPTIONS, "ivf_nlist": 1024, "ivf_nprobe": 32})
     assert "ann.ivf_nlist=1024 is too many cells for 300 rows" in caplog.text and "using 7" in caplog.text
     assert built.info["settings"] == {"nlist": 7, "nprobe": 7} and built.index.ntotal == 300
-    scores, ids = built.search(np.ones((1, DIM), np.float32), k=5)
+    _, ids = built.search(np.ones((1, DIM), np.float32), k=5)
     assert (ids >= 0).all()
 
 

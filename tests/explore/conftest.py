@@ -34,7 +34,7 @@ def explored(tmp_path_factory) -> dict:
             for src in sorted((SAMPLE / split / label).iterdir())[:n]:
                 shutil.copy(src, root / split / label / src.name)
     outside.mkdir()
-    shutil.copy(sorted((SAMPLE / "valid" / "coat").iterdir())[0], outside / "secret.png")
+    shutil.copy(min((SAMPLE / "valid" / "coat").iterdir()), outside / "secret.png")
     (root / "train" / "bag" / "escape.png").symlink_to(outside / "secret.png")
     (base / "secret.txt").write_text("not for the web")
     out = base / "emb" / "sample-tiny"

@@ -115,7 +115,7 @@ def test_search_more_like_this_upload_and_keys(browser, app_url, explored, tmp_p
     browser.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
     assert browser.switch_to.active_element.get_attribute("data-index") == "1"
 
-    target = sorted((explored["root"] / "valid" / "trouser").iterdir())[0]
+    target = min((explored["root"] / "valid" / "trouser").iterdir())
     upload = browser.find_element(By.ID, "upload")
     upload.send_keys(str(target))
     wait(browser, lambda d: f"for {target.name}" in d.find_element(By.ID, "status").text, "the upload's results")
