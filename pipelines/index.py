@@ -455,6 +455,15 @@ class SearchIndex:
     loaded: bool  # read from disk (True) or built in this process (False)
     path: Path | None = None  # the saved index file (None for exact)
 
+    def settings(self) -> dict[str, Any]:
+        """The settings searches use now: the saved ones with the query-time knobs (nprobe, efSearch) as set."""
+        live = dict(self.info["settings"])
+        if self.kind == "ivf":
+            live["nprobe"] = int(self.index.nprobe)
+        elif self.kind == "hnsw":
+            live["ef_search"] = int(self.index.hnsw.efSearch)
+        return live
+
     def search(self, queries: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 [q, D] queries (normalised here) -> cosine scores float32 [q, k'] and row ids int64 [q, k'],
         k' = min(k, rows); best first. An approximate index may return fewer: their ids are -1."""

@@ -18,8 +18,6 @@ from pipelines.errors import UserError
 DIM = 24
 META = {"model": "tiny", "revision": None, "embedding_dim": DIM, "dtype": "float32", "image_size": [384, 384],
         "preprocess": {}, "version": "test"}
-ANN = {"exact_below": 50000, "hnsw_below": 200000, "ivf_nlist": "auto", "ivf_nprobe": 8, "ivf_train_rows": "auto",
-       "ivf_train_iters": 10, "hnsw_m": 16, "hnsw_ef_construction": 80, "hnsw_ef_search": 64, "seed": 0}
 
 
 def write(out, split, vectors, names):
@@ -44,8 +42,9 @@ def planted(tmp_path):
 
 
 def run(out, **kw):
-    args = {"embeddings_dir": out, "splits": None, "threshold": 0.95, "k": 8, "index": "exact", "index_dir": None,
-            "output_dir": None, "chunk_rows": 64, "device": "cpu", "ann_options": ANN}
+    args = {"embeddings_dir": out, "splits": None, "threshold": 0.95, "chunk_rows": 64, "exact_below": 50000,
+            "cells": "auto", "probe": 2, "train_rows": "auto", "iters": 10, "seed": 0, "output_dir": None,
+            "device": "cpu"}
     return dedup.run_dedup(**{**args, **kw})
 
 
@@ -57,10 +56,14 @@ def brute_pairs(train, valid, threshold):
     return set(zip(a.tolist(), b.tolist(), strict=True))
 
 
-@pytest.mark.parametrize("index", ["exact", "hnsw", "ivf"])
-def test_planted_copies_are_found_once_with_their_leakage(planted, index):
+CELLS = {"all pairs": {}, "cells": {"exact_below": 0, "cells": 8, "probe": 2},
+         "one cell each": {"exact_below": 0, "cells": 4, "probe": 1, "chunk_rows": 7}}
+
+
+@pytest.mark.parametrize("how", list(CELLS))
+def test_planted_copies_are_found_once_with_their_leakage(planted, how):
     out, train, valid = planted
-    summary = run(out, index=index)
+    summary = run(out, **CELLS[how])
     pairs = pd.read_parquet(out.parent / "emb-duplicates" / "pairs.parquet")
     names = [f"train/c{i % 4}/t{i:04d}.png" for i in range(302)] + [f"valid/c{i % 4}/v{i:04d}.png" for i in range(100)]
     got = {tuple(sorted((names.index(a), names.index(b)))) for a, b in zip(pairs.path_a, pairs.path_b, strict=True)}
@@ -73,17 +76,19 @@ def test_planted_copies_are_found_once_with_their_leakage(planted, index):
     assert list(pairs.columns) == ["path_a", "split_a", "label_a", "path_b", "split_b", "label_b", "score"]
     assert (pairs.score >= 0.95).all() and pairs.score.is_monotonic_decreasing
     assert json.loads((out.parent / "emb-duplicates" / "summary.json").read_text())["pairs"] == 7
-    assert summary["index"]["kind"] == index and store.foreign_entries(out) == []
+    assert summary["search"]["method"] == ("all pairs" if how == "all pairs" else "k-means cells")
+    assert store.foreign_entries(out) == []
     assert "4 valid rows have a near-copy in train" in dedup.summary_line(summary)
 
 
-def test_one_split_and_a_row_with_more_copies_than_k(planted, tmp_path, caplog):
+def test_one_split_and_many_copies_of_one_row(planted, tmp_path):
     out, _, _ = planted
     summary = run(out, splits=["valid"], output_dir=tmp_path / "d")
     assert summary["pairs"] == 0 and summary["leakage"] == {} and summary["splits"] == ["valid"]
-    with caplog.at_level("WARNING", logger="pipelines.dedup"):
-        capped = run(out, k=1, output_dir=tmp_path / "e")
-    assert capped["rows_at_k"] > 0 and "raise k" in caplog.text
+    rows = np.tile(np.random.default_rng(5).normal(size=(1, DIM)).astype(np.float32), (30, 1))  # 30 copies
+    write(tmp_path / "many", "train", rows, [f"train/c0/m{i:02d}.png" for i in range(30)])
+    every = run(tmp_path / "many", exact_below=0, cells=2)
+    assert every["pairs"] == 30 * 29 // 2 and every["rows_involved"] == 30  # a range search: no cap per row
 
 
 def test_near_copies_for_validate():
@@ -98,8 +103,9 @@ def test_near_copies_for_validate():
 @pytest.mark.parametrize(("kw", "message"), [
     ({"threshold": 0}, "threshold=0: expected a cosine similarity in (0, 1]"),
     ({"threshold": "high"}, "threshold='high'"),
-    ({"k": 0}, "k=0: expected a whole number"),
-    ({"index": "flat"}, "index='flat'"),
+    ({"chunk_rows": 0}, "chunk_rows=0: expected a whole number"),
+    ({"cells": "many"}, "cells='many'"),
+    ({"probe": 1.5}, "probe=1.5"),
     ({"splits": ["test"]}, "split 'test': no parts"),
 ])
 def test_bad_settings_are_one_line(planted, kw, message):

@@ -148,12 +148,11 @@ def timing(*, rows: int, dim: int, folder: Path, device: str) -> dict[str, Any]:
 
     out = folder / f"synthetic-{rows}x{dim}"  # shared with pipelines.bench.explore
     written = write_store(out, rows=rows, dim=dim, clusters=1000, copies=0.01)
-    cfg = OmegaConf.load(Path(CONF_DIR) / "dedup.yaml")
-    ann_options = OmegaConf.to_container(cfg.ann, resolve=True)
+    cfg = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "dedup.yaml"), resolve=False)
+    settings = {key: cfg[key] for key in ("threshold", "chunk_rows", "exact_below", "cells", "probe", "train_rows",
+                                          "iters", "seed")}
     start = time.perf_counter()
-    summary = run_dedup(embeddings_dir=out, splits=None, threshold=float(cfg.threshold), k=int(cfg.k),
-                        index=str(cfg.index), index_dir=folder / f"synthetic-{rows}x{dim}-index", output_dir=None,
-                        chunk_rows=int(cfg.chunk_rows), device=device, ann_options=ann_options)
+    summary = run_dedup(embeddings_dir=out, splits=None, output_dir=None, device=device, **settings)
     seconds = time.perf_counter() - start
     pairs = pd.read_parquet(Path(summary["pairs_file"]), columns=["path_a", "path_b"])
     ids = np.sort(np.stack([pairs.path_a.str.slice(-12, -4).astype(np.int64),
@@ -161,7 +160,7 @@ def timing(*, rows: int, dim: int, folder: Path, device: str) -> dict[str, Any]:
     original, copy = planted(rows, copies=0.01, seed=0)
     found = set(map(tuple, ids.tolist()))
     hit = sum((int(a), int(b)) in found for a, b in zip(original, copy, strict=True))
-    return {"rows": rows, "dim": dim, "index": summary["index"], "threshold": summary["threshold"],
+    return {"rows": rows, "dim": dim, "search": summary["search"], "threshold": summary["threshold"],
             "seconds": round(seconds, 1), "pairs": summary["pairs"], "planted": len(copy),
             "planted_found": hit, "write_s": written["write_s"]}
 
@@ -181,7 +180,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{k} {v['min']:.4f} / {v['median']:.4f}" for k, v in s["copy_cosine"].items()))
     t = report.get("timing")
     if t:
-        lines.append(f"dedup on {t['rows']:,} x {t['dim']}: {t['seconds']:.1f} s ({t['index']}), {t['pairs']} pairs, "
+        lines.append(f"dedup on {t['rows']:,} x {t['dim']}: {t['seconds']:.1f} s ({t['search']}), {t['pairs']} pairs, "
                      f"{t['planted_found']} of {t['planted']} planted pairs found")
     return "\n".join(lines)
 

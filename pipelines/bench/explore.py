@@ -92,7 +92,7 @@ def one_size(*, rows: int, dim: int, kinds: list[str], queries: int, folder: Pat
         server, thread, bound = serve_in_thread(explorer, port)
         rng = np.random.default_rng(0)
         paths = catalog.paths.take(rng.choice(rows, size=queries, replace=False)).to_pylist()
-        row = {"rows": rows, "dim": dim, "index": {"kind": kind, **catalog.searcher.info["settings"]},
+        row = {"rows": rows, "dim": dim, "index": {"kind": kind, **catalog.searcher.settings()},
                "open_s": round(opened, 1), "reopen_s": None if reopened is None else round(reopened, 1)}
         for name, extra in (("all", {}), ("valid only", {"filter_split": "valid"})):
             ms = latencies(f"http://127.0.0.1:{bound}", paths, extra)

@@ -102,16 +102,19 @@ class Catalog:
         """The `k` rows nearest to a float32 [1, D] query (cosine), best first, within the filter; `exclude`: a
         row left out (the query row of "more like this")."""
         keep = self.mask(split=split, label=label)
-        if exclude is not None:
-            keep = np.ones(self.rows, bool) if keep is None else keep.copy()
+        if keep is not None and exclude is not None:
+            keep = keep.copy()
             keep[exclude] = False
         if keep is not None and not keep.any():
             return []
+        # Without a filter, the excluded row is dropped from k + 1 answers: an id selector would cost every
+        # unfiltered search a slower FAISS path for the sake of one row.
+        extra = 1 if exclude is not None and keep is None else 0
         params = None if keep is None else self._params(keep)
         query = ann.normalize(np.ascontiguousarray(vector, dtype=np.float32).copy())
-        scores, ids = self.searcher.index.search(query, min(k, self.rows), params=params)
-        found = ids[0] >= 0
-        return self.hits(ids[0][found], scores[0][found])
+        scores, ids = self.searcher.index.search(query, min(k + extra, self.rows), params=params)
+        found = (ids[0] >= 0) & (ids[0] != (-2 if exclude is None else exclude))
+        return self.hits(ids[0][found][:k], scores[0][found][:k])
 
     def hits(self, ids: np.ndarray, scores: np.ndarray) -> list[Hit]:
         """Hits for row ids int64 [n] with their scores float [n]."""

@@ -38,7 +38,7 @@ class TritonText:
 
     def __init__(self, address: str, *, stored: dict[str, Any]) -> None:
         try:
-            import tritonclient.grpc as grpc
+            from tritonclient import grpc
         except ImportError as exc:
             raise UserError("text_server= needs tritonclient: pip install '.[serve]'") from exc
         from tritonclient.utils import InferenceServerException

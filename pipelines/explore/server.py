@@ -85,7 +85,7 @@ def build_explorer(*, embeddings_dir: str | Path, splits: list[str] | None, data
     images = ImageQueries(**model, stored=stored, max_pixels=limits.max_upload_pixels)
     info = {"embeddings_dir": str(embeddings_dir), "dataset_root": str(root), "rows": catalog.rows,
             "model": stored.get("model"), "embedding_dim": stored.get("embedding_dim"),
-            "index": {"kind": catalog.searcher.kind, **catalog.searcher.info["settings"]},
+            "index": {"kind": catalog.searcher.kind, **catalog.searcher.settings()},
             "text_search": None if text is None else ("triton " + str(text_server) if text_server else "local")}
     return Explorer(catalog, ImageStore(root, extra), Reports(embeddings_dir), text, images, limits, info,
                     ThumbnailCache())

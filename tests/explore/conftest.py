@@ -16,7 +16,7 @@ from pipelines.validate import run_validate
 
 LABELS = ("bag", "pullover", "sandal", "shirt", "sneaker", "trouser")
 LIMITS = Limits(max_query_chars=100, max_k=50, max_upload_bytes=200_000, max_upload_pixels=1_000_000)
-DEDUP_ANN = {"exact_below": 50000, "hnsw_below": 200000, "ivf_nlist": "auto", "ivf_nprobe": 8,
+ANN = {"exact_below": 50000, "hnsw_below": 200000, "ivf_nlist": "auto", "ivf_nprobe": 8,
              "ivf_train_rows": "auto", "ivf_train_iters": 10, "hnsw_m": 16, "hnsw_ef_construction": 80,
              "hnsw_ef_search": 64, "seed": 0}
 
@@ -41,15 +41,15 @@ def explored(tmp_path_factory) -> dict:
     run_embed(root=root, splits=["train", "valid"], output_dir=out, model="tiny", device="cpu", num_workers=0,
               batch_size=8, progress=False)
     run_validate(embeddings_dir=out, k=3)
-    run_dedup(embeddings_dir=out, splits=None, threshold=0.999, k=8, index="exact", index_dir=None,
-              output_dir=None, chunk_rows=1000, device="cpu", ann_options=DEDUP_ANN)
+    run_dedup(embeddings_dir=out, splits=None, threshold=0.999, chunk_rows=1000, exact_below=50000, cells="auto",
+              probe=2, train_rows="auto", iters=10, seed=0, output_dir=None, device="cpu")
     return {"root": root, "out": out, "outside": outside, "base": base}
 
 
 def make_explorer(out: Path, **overrides):
     settings = {"embeddings_dir": out, "splits": None, "dataset_root_dir": None, "allowed_roots": [],
                 "name_or_path": "tiny", "revision": None, "device": "cpu", "dtype": "float32", "text_server": None,
-                "index": "exact", "index_dir": None, "ann_options": {**DEDUP_ANN, "ivf_nprobe": 32}, "limits": LIMITS}
+                "index": "exact", "index_dir": None, "ann_options": ANN, "limits": LIMITS}
     return build_explorer(**{**settings, **overrides})
 
 
