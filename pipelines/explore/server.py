@@ -77,9 +77,12 @@ def build_explorer(*, embeddings_dir: str | Path, splits: list[str] | None, data
     if linked is not None:
         log.info("%s is a subset linking into %s: images there are served too", root, linked)
         extra.append(linked)
-    catalog = Catalog(embeddings_dir, splits=splits, index=index, index_dir=index_dir, options=ann_options)
-    stored = catalog.source.metadata
+    from pipelines import index as ann
+
+    ann.check_kind(index)
+    stored = ann.open_source(embeddings_dir, splits).metadata  # the footers only: a moment
     check_same_model(stored, {"model": name_or_path, "revision": revision}, keys=("model", "revision"))
+    catalog = Catalog(embeddings_dir, splits=splits, index=index, index_dir=index_dir, options=ann_options)
     model = {"name_or_path": name_or_path, "revision": revision, "device": device, "dtype": dtype}
     text = text_queries(text_server=text_server, stored=stored, **model)
     images = ImageQueries(**model, stored=stored, max_pixels=limits.max_upload_pixels)

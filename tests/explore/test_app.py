@@ -200,3 +200,30 @@ def test_startup_checks_are_one_line(explored, tmp_path):
     with pytest.raises(UserError, match="text_server='nohost': expected host:port"):
         make_explorer(explored["out"], text_server="nohost")
     assert LIMITS.max_k == 50
+
+
+@pytest.mark.job
+def test_cli_settings_are_one_line_before_anything_loads(explored):
+    import subprocess
+    import sys
+
+    from pipelines.config import REPO_ROOT
+
+    base = [sys.executable, "-m", "pipelines.explore", f"embeddings_dir={explored['out']}", "model=tiny"]
+    for extra, message in ((["port=99999"], "error: port=99999: expected a TCP port"),
+                           (["limits.max_k=0"], "error: limits.max_k=0: expected a whole number"),
+                           (["model.name_or_path=other"], "error: the query encoder is not the model")):
+        done = subprocess.run([*base, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_a_host_beyond_loopback_is_warned_about(caplog):
+    from pipelines.explore.server import check_host
+
+    with caplog.at_level("WARNING", logger="pipelines.explore.server"):
+        assert check_host("127.0.0.1") == "127.0.0.1" and check_host("localhost") == "localhost"
+        assert not caplog.records
+        check_host("0.0.0.0")
+    assert "open to every machine" in caplog.text
