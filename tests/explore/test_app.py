@@ -227,3 +227,19 @@ def test_a_host_beyond_loopback_is_warned_about(caplog):
         assert not caplog.records
         check_host("0.0.0.0")
     assert "open to every machine" in caplog.text
+
+
+def test_the_page_travels_in_the_wheel():
+    """pyproject ships pipelines.explore with every static file (an installed wheel serves the page)."""
+    import tomllib
+    from fnmatch import fnmatch
+
+    from pipelines.config import REPO_ROOT
+    from pipelines.explore.app import STATIC
+
+    setuptools = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "pipelines.explore" in setuptools["packages"]
+    globs = setuptools["package-data"]["pipelines.explore"]
+    files = [p.relative_to(STATIC.parent).as_posix() for p in STATIC.rglob("*") if p.is_file()]
+    assert {"static/index.html", "static/app.js", "static/style.css"} <= set(files)
+    assert all(any(fnmatch(f, g) for g in globs) for f in files)
