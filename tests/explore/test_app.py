@@ -231,8 +231,9 @@ def test_a_host_beyond_loopback_is_warned_about(caplog):
 
 def test_the_page_travels_in_the_wheel():
     """pyproject ships pipelines.explore with every static file (an installed wheel serves the page)."""
-    import tomllib
     from fnmatch import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     from pipelines.config import REPO_ROOT
     from pipelines.explore.app import STATIC
