@@ -186,7 +186,7 @@ def run_dedup(*, embeddings_dir: str | Path, splits: list[str] | None, threshold
     splits_of = np.asarray(rows.splits.to_pylist(), dtype=object)
     summary = {"embeddings_dir": str(embeddings_dir), "splits": source.splits, "rows": source.rows,
                "threshold": threshold, "search": how,
-               "pairs": int(len(a)), "rows_involved": int(len(np.unique(np.concatenate([a, b])))),
+               "pairs": len(a), "rows_involved": len(np.unique(np.concatenate([a, b]))),
                "within_split_pairs": int((splits_of[a] == splits_of[b]).sum()),
                "leakage": leakage(splits_of, a, b), "seconds": {"read": round(read_s, 3)},
                "pairs_file": str(out / PAIRS)}
