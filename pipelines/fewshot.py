@@ -108,11 +108,15 @@ def evaluate(
     dataset_root: str | Path | None,
     output_dir: str | Path | None,
     worst: int,
+    exclude_duplicates: bool = False,
+    duplicate_threshold: float | None = None,
 ) -> tuple[dict[str, Any], str]:
     """k-NN of `query_split` against `train_split` in `embeddings_dir`; writes the outputs (`pipelines.report`),
     returns the report and the printed table.
 
     `output_dir`: None = `<embeddings_dir>-validation` (`store.validation_dir`); never inside `embeddings_dir`.
+    `exclude_duplicates`: drop the queries with a near-copy (cosine >= `duplicate_threshold`, None = dedup's
+    default) among the train rows before classifying; the count is reported.
     """
     from pipelines import knn
 
@@ -124,6 +128,7 @@ def evaluate(
     embeddings_dir = Path(embeddings_dir)
     out = output_location(embeddings_dir, output_dir)
     data = load_splits(embeddings_dir, train_split, query_split)
+    excluded = drop_duplicates(data, threshold=duplicate_threshold) if exclude_duplicates else None
     read_s = time.perf_counter() - start
     n_classes = len(data.classes)
     draws = episode_draws(data.y_train, n_classes, shots=shots, episodes=episodes, seed=seed)
@@ -142,6 +147,7 @@ def evaluate(
         "model": data.train.metadata,
         "class_names": str(names_path) if names_path else None,
         "dataset_root": _image_root(dataset_root, data.train.paths[0]),
+        "duplicates_excluded": excluded,
     }
     source = {"embeddings_dir": str(embeddings_dir)}
     return report.publish(
@@ -152,6 +158,26 @@ def evaluate(
         title=f"{Path(str(data.train.metadata['model'])).name}: {n_classes} classes, k={k} ({metric})",
         header=_header({**source, **metadata}), note=NOTE, worst=worst,
         seconds={"read": round(read_s, 3), "knn": round(sum(run.info["knn_s"] for run in runs), 3)}, start=start)
+
+
+def drop_duplicates(data: Labelled, *, threshold: float | None) -> dict[str, Any]:
+    """Remove from `data.query` the rows with a near-copy among the train rows (in place); what was dropped."""
+    from pipelines import dedup
+
+    threshold = dedup.default_threshold() if threshold is None else dedup.check_threshold(
+        threshold, key="duplicate_threshold")
+    copied = dedup.near_copies(data.query.embeddings, data.train.embeddings, threshold=threshold)
+    if copied.all():
+        raise UserError(f"exclude_duplicates=true: every one of the {len(copied)} query images has a near-copy in "
+                        f"the train split (cosine >= {threshold}); nothing is left to classify")
+    keep = np.flatnonzero(~copied)
+    q = data.query
+    data.query = store.Split([q.paths[i] for i in keep], [q.labels[i] for i in keep], q.embeddings[keep], q.metadata)
+    data.y_query = data.y_query[keep]
+    log.info("dropped %d of %d query images with a near-copy in the train split (cosine >= %s)",
+             int(copied.sum()), len(copied), threshold)
+    return {"threshold": threshold, "dropped": int(copied.sum()), "of": len(copied),
+            "examples": [q.paths[i] for i in np.flatnonzero(copied)[:5]]}
 
 
 def output_location(embeddings_dir: Path, output_dir: str | Path | None) -> Path:
@@ -217,11 +243,15 @@ def _header(run: dict[str, Any]) -> list[str]:
     s, model, backend = run["settings"], run["model"], run["backend"]
     device = f" on {backend['device']}" if "device" in backend else ""
     available = f" of {run['num_train_available']}" if s["subsampled"] else ""
+    dropped = run.get("duplicates_excluded")
+    extra = [(f"excluded {dropped['dropped']} of {dropped['of']} {s['query_split']} images with a near-copy in "
+              f"{s['train_split']} (cosine >= {dropped['threshold']})")] if dropped else []
     return [
         (f"{run['embeddings_dir']}: {model['model']} ({model['embedding_dim']}-d), "
          f"k={s['k']} {s['weights']} {s['metric']}, backend {backend['name']}{device}"),
         (f"classes {run['num_classes']}   {s['train_split']} {run['num_train']}{available}   "
          f"{s['query_split']} {run['num_query']}   episodes {s['episodes']}"),
+        *extra,
     ]
 
 

@@ -7,7 +7,7 @@ index's own memory (4·D bytes a row for all three kinds) plus one chunk.
 An approximate index is built once and saved in the sibling folder `<embeddings_dir>-index/` (outside the
 embeddings' Parquet dataset, whose overwrite rules allow only the embed job's files) as `<splits>-<kind>.faiss`
 with `<splits>-<kind>.json`: the model metadata and a fingerprint of the embeddings it was built from (each
-part's split, name, size and mtime, and the row count). When the embeddings change, the saved index is refused
+part's split, name, size, mtime and Parquet footer, and the row count). When the embeddings change, the saved index is refused
 with one line saying to rebuild it (or rebuilt, with `rebuild=true`). Row i of an index is row i of the parts
 read in order (splits as given, parts sorted by name), which the fingerprint pins down.
 
@@ -94,13 +94,41 @@ class Source:
         return sum(n for _, _, n in self.parts)
 
     def fingerprint(self) -> dict[str, Any]:
-        """Row count, and each part's split, name, size and mtime (ns), with their SHA-256: changes with the data."""
+        """Row count, and each part's split, name, size, mtime (ns) and footer digest, with their SHA-256.
+
+        Size and mtime alone can be kept by a rewrite (`touch -r`, a copy restoring times); the footer cannot: it
+        holds every column chunk's offset, sizes and min/max statistics (paths and embedding values) and the
+        footer metadata, so rewritten content shows there. Reading it costs two small reads a part.
+        """
         entries = []
         for split, part, rows in self.parts:
             st = part.stat()
-            entries.append([split, part.name, rows, st.st_size, st.st_mtime_ns])
+            entries.append([split, part.name, rows, st.st_size, st.st_mtime_ns, footer_digest(part)])
         digest = hashlib.sha256(json.dumps(entries).encode()).hexdigest()
         return {"rows": self.rows, "parts": len(entries), "sha256": digest}
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+def footer_digest(part: Path) -> str:
+    """SHA-256 of a Parquet file's footer (its FileMetaData: row groups, column chunk sizes, statistics, key-value
+    metadata), read from the file's end: `<footer><4-byte little-endian length>PAR1`."""
+    try:
+        with open(part, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < 12:
+                raise ValueError(f"{size} bytes")
+            f.seek(size - 8)
+            tail = f.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] != PARQUET_MAGIC or length > size - 12:
+                raise ValueError("no Parquet footer at its end")
+            f.seek(size - 8 - length)
+            return hashlib.sha256(f.read(length)).hexdigest()
+    except (OSError, ValueError) as exc:
+        raise store.CorruptPartError(f"{part} is not a readable part ({exc}); delete it and rerun the embed job: "
+                                     "its rows are embedded again") from exc
 
 
 def all_splits(embeddings_dir: Path) -> list[str]:
@@ -235,15 +263,22 @@ def choose_kind(kind: str, rows: int, *, exact_below: int, hnsw_below: int) -> s
     return "exact" if rows < exact_below else "hnsw" if rows < hnsw_below else "ivf"
 
 
+MIN_POINTS_PER_CELL = 39  # FAISS's k-means wants 39 training points per centroid (and fails below 1)
+
+
 def ivf_nlist(rows: int, nlist: int | str) -> int:
-    """IVF cells: `nlist`, or for `auto` the power of two nearest √rows, at least 1 and at most rows/39 (FAISS
-    wants 39 training points per centroid)."""
+    """IVF cells: `nlist`, or for `auto` the power of two nearest √rows; at least 1 and at most rows/39 (FAISS
+    wants 39 training points per centroid). A given `nlist` above that is lowered, with a warning saying so."""
+    most = max(1, rows // MIN_POINTS_PER_CELL)
     if nlist != "auto":
         if not isinstance(nlist, int) or isinstance(nlist, bool) or nlist < 1:
             raise UserError(f"ann.ivf_nlist={nlist!r}: expected auto or a whole number of at least 1")
-        return nlist
+        if nlist > most:
+            log.warning("ann.ivf_nlist=%d is too many cells for %d rows (k-means needs %d per cell): using %d",
+                        nlist, rows, MIN_POINTS_PER_CELL, most)
+        return min(nlist, most)
     best = 2 ** round(math.log2(max(math.sqrt(rows), 1)))
-    return int(max(1, min(best, rows // 39)))
+    return int(min(best, most))
 
 
 def use_gpu(device: str) -> bool:
@@ -379,7 +414,7 @@ def check_fresh(info: dict[str, Any], source: Source, meta_path: Path) -> None:
     if then.get("rows") != now["rows"]:
         why.append(f"{then.get('rows')} rows then, {now['rows']} now")
     elif then.get("sha256") != now["sha256"]:
-        why.append("its parts changed (names, sizes or times)")
+        why.append("its parts changed (names, sizes, times or content)")
     if why:
         raise StaleIndexError(f"{meta_path.with_suffix('.faiss')} was built from other embeddings ({'; '.join(why)}); "
                               "rebuild it with rebuild=true")
@@ -419,6 +454,15 @@ class SearchIndex:
     source: Source
     loaded: bool  # read from disk (True) or built in this process (False)
     path: Path | None = None  # the saved index file (None for exact)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings searches use now: the saved ones with the query-time knobs (nprobe, efSearch) as set."""
+        live = dict(self.info["settings"])
+        if self.kind == "ivf":
+            live["nprobe"] = int(self.index.nprobe)
+        elif self.kind == "hnsw":
+            live["ef_search"] = int(self.index.hnsw.efSearch)
+        return live
 
     def search(self, queries: np.ndarray, *, k: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 [q, D] queries (normalised here) -> cosine scores float32 [q, k'] and row ids int64 [q, k'],

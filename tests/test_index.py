@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines import index as ann
@@ -106,6 +107,46 @@ def test_touched_part_makes_the_index_stale(embedded):
                        options=OPTIONS)
 
 
+def test_part_rewritten_at_the_same_size_and_mtime_makes_the_index_stale(tmp_path):
+    """An adversary's rewrite: other embeddings, the same byte count, the old mtime put back; the footer shows it."""
+    out = tmp_path / "emb"
+    vectors = np.random.default_rng(2).normal(size=(50, DIM)).astype(np.float32)
+    paths = [f"valid/c{i % 3}/img{i:05d}.png" for i in range(50)]
+    labels = [f"c{i % 3}" for i in range(50)]
+    part = store.split_dir(out, "valid") / "part-shard0of1-x.parquet"
+    part.parent.mkdir(parents=True)
+
+    def write(emb):  # uncompressed, plain: the size depends on the row count alone
+        pq.write_table(store.to_table(paths, labels, emb, META), part, compression="none", use_dictionary=False)
+
+    write(vectors)
+    source = ann.open_source(out, ["valid"])
+    ann.open_index(source, kind="hnsw", rebuild=False, folder=None, device="cpu", options=OPTIONS)
+    before = part.stat()
+    write(-vectors)  # every search answer changes
+    os.utime(part, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert part.stat().st_size == before.st_size and part.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(ann.StaleIndexError, match="parts changed"):
+        ann.open_index(ann.open_source(out, ["valid"]), kind="hnsw", rebuild=False, folder=None, device="cpu",
+                       options=OPTIONS)
+    part.write_bytes(part.read_bytes()[:-8] + b"\xff\xff\xff\x7fPAR1")  # a footer length that runs off the file
+    with pytest.raises(store.CorruptPartError, match="not a readable part"):
+        ann.footer_digest(part)
+
+
+def test_ivf_with_more_cells_than_the_rows_allow_uses_fewer_and_says_so(tmp_path, caplog):
+    out = tmp_path / "emb"
+    write_split(out, "train", np.random.default_rng(3).normal(size=(300, DIM)).astype(np.float32))
+    source = ann.open_source(out, ["train"])
+    with caplog.at_level("WARNING", logger="pipelines.index"):
+        built = ann.open_index(source, kind="ivf", rebuild=False, folder=None, device="cpu",
+                               options={**OPTIONS, "ivf_nlist": 1024, "ivf_nprobe": 32})
+    assert "ann.ivf_nlist=1024 is too many cells for 300 rows" in caplog.text and "using 7" in caplog.text
+    assert built.info["settings"] == {"nlist": 7, "nprobe": 7} and built.index.ntotal == 300
+    _, ids = built.search(np.ones((1, DIM), np.float32), k=5)
+    assert (ids >= 0).all()
+
+
 def test_index_folder_inside_the_embeddings_is_refused(embedded):
     out, _, _ = embedded
     with pytest.raises(UserError, match="inside embeddings_dir"):
@@ -122,6 +163,7 @@ def test_auto_rule_and_ivf_cells():
         ann.choose_kind("flat", 10, **rule)
     assert ann.ivf_nlist(1_000_000, "auto") == 1024 and ann.ivf_nlist(100, "auto") == 2
     assert ann.ivf_nlist(10, "auto") == 1 and ann.ivf_nlist(5000, 7) == 7
+    assert ann.ivf_nlist(300, 1024) == 7 and ann.ivf_nlist(10, 4) == 1
 
 
 def test_training_sample_is_seeded_and_drawn_across_chunks():

@@ -212,3 +212,26 @@ def test_the_old_layout_is_one_line_naming_the_conversion(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {old} is in the layout before version 0.2 (train/, valid/); convert it in place with "
         f"`python -m pipelines.upgrade {old}` (renames only), then rerun")
+
+
+def test_exclude_duplicates_drops_queries_with_a_near_copy_in_train(tmp_path):
+    out = tmp_path / "emb"
+    labels = ["a", "b", "c"] * 12
+    write_split(out, "train", labels)
+    train = store.read_split(out, "train")
+    metadata = train.metadata
+    rng = np.random.default_rng(7)
+    emb = rng.normal(size=(12, 8)).astype(np.float32)
+    emb[:3] = train.embeddings[[0, 5, 9]] * 2 + rng.normal(scale=1e-3, size=(3, 8))  # rescaled near-copies
+    paths = [f"valid/{labels[i]}/{i}.png" for i in range(12)]
+    store.write_part(store.split_dir(out, "valid"), store.to_table(paths, labels[:12], emb, metadata),
+                     prefix="test")
+    kept = run_validate(embeddings_dir=out, output_dir=tmp_path / "v", exclude_duplicates=True)
+    assert kept["duplicates_excluded"]["dropped"] == 3 and kept["duplicates_excluded"]["of"] == 12
+    assert kept["num_query"] == 9 and sorted(kept["duplicates_excluded"]["examples"]) == sorted(paths[:3])
+    assert set(pd.read_parquet(tmp_path / "v" / "predictions.parquet")["path"]) == set(paths[3:])
+    everything = run_validate(embeddings_dir=out, output_dir=tmp_path / "w")
+    assert everything["num_query"] == 12 and everything["duplicates_excluded"] is None
+    with pytest.raises(UserError, match=r"duplicate_threshold=1.5: expected a cosine"):
+        run_validate(embeddings_dir=out, output_dir=tmp_path / "x", exclude_duplicates=True,
+                     duplicate_threshold=1.5)
