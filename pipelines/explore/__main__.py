@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> None:
         allowed_roots=[str(p) for p in cfg.allowed_roots or []], name_or_path=cfg.model.name_or_path,
         revision=cfg.model.revision, device=cfg.device, dtype=cfg.dtype, text_server=cfg.text_server,
         index=cfg.index, index_dir=cfg.index_dir, ann_options=OmegaConf.to_container(cfg.ann, resolve=True),
-        limits=limits(cfg))
+        limits=limits(cfg), storage_options=OmegaConf.to_container(cfg.storage_options, resolve=True))
     serve(explorer, host=host, port=port)
 
 

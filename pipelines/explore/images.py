@@ -91,6 +91,28 @@ class ImageStore:
             raise ImageRefused(f"path {path!r}: cannot be read") from exc
 
 
+@dataclass
+class ShardImageStore:
+    """Reads the image bytes of a row of a shard source (`dataset=files`: tars, Parquet; local or remote), from
+    the shard that holds it (`FileSource.read_row`). The app has checked that the path is a row of the dataset."""
+
+    source: object  # pipelines.sources.files.FileSource
+
+    def read(self, path: str) -> bytes:
+        """The row's image bytes; ImageRefused (404) when its shard no longer holds it or holds no image."""
+        try:
+            record = self.source.read_row(path)
+        except LookupError as exc:
+            raise ImageRefused(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - a damaged or unreachable shard: this image is not served
+            raise ImageRefused(f"path {path!r}: its shard cannot be read ({type(exc).__name__}: {exc})") from exc
+        if record.data is None:
+            raise ImageRefused(f"path {path!r}: {record.error}")
+        if len(record.data) > MAX_FILE_BYTES:
+            raise ImageRefused(f"path {path!r}: {len(record.data)} bytes, more than {MAX_FILE_BYTES}", status=413)
+        return record.data
+
+
 def thumbnail(data: bytes, *, size: int, max_pixels: int | None, quality: int = 85) -> bytes:
     """Encoded image bytes -> JPEG bytes whose longer side is at most `size` (never enlarged); DecodeError."""
     from PIL import Image

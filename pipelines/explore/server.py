@@ -11,7 +11,7 @@ from pipelines import store
 from pipelines.errors import UserError
 from pipelines.explore.app import Explorer, Limits, make_app
 from pipelines.explore.catalog import Catalog
-from pipelines.explore.images import ImageStore, ThumbnailCache, subset_source
+from pipelines.explore.images import ImageStore, ShardImageStore, ThumbnailCache, subset_source
 from pipelines.explore.queries import ImageQueries, LocalText, TritonText, parse_server
 from pipelines.explore.reports import Reports
 from pipelines.index import check_same_model
@@ -37,6 +37,16 @@ def dataset_root(embeddings_dir: Path, given: str | Path | None) -> Path:
     if not root.is_dir():
         raise UserError(f"dataset_root={root}: no such folder (the images are read from it); give dataset_root=DIR")
     return root
+
+
+def recorded_source(embeddings_dir: Path) -> dict[str, Any] | None:
+    """The shard source an embed output's manifest records (`dataset=files`), else None (a folder dataset)."""
+    import json
+
+    try:
+        return json.loads((Path(embeddings_dir) / store.MANIFEST).read_text()).get("source")
+    except (OSError, ValueError):
+        return None
 
 
 def check_host(host: str) -> str:
@@ -68,15 +78,23 @@ def text_queries(*, text_server: str | None, stored: dict[str, Any], **model: An
 def build_explorer(*, embeddings_dir: str | Path, splits: list[str] | None, dataset_root_dir: str | Path | None,
                    allowed_roots: list[str], name_or_path: str, revision: str | None, device: str, dtype: str,
                    text_server: str | None, index: str, index_dir: str | Path | None, ann_options: dict[str, Any],
-                   limits: Limits) -> Explorer:
+                   limits: Limits, storage_options: dict[str, Any] | None = None) -> Explorer:
     """Check the settings, load the rows and index, then the text tower: everything the app serves."""
     embeddings_dir = Path(embeddings_dir)
-    root = dataset_root(embeddings_dir, dataset_root_dir)
-    extra = [Path(p) for p in allowed_roots]
-    linked = subset_source(root)
-    if linked is not None:
-        log.info("%s is a subset linking into %s: images there are served too", root, linked)
-        extra.append(linked)
+    described = recorded_source(embeddings_dir)
+    if described is not None and dataset_root_dir in (None, ""):  # dataset=files: rows live in shards
+        from pipelines.sources.files import FileSource
+
+        root = None
+        image_store: Any = ShardImageStore(FileSource.recorded(described, storage_options=storage_options))
+    else:
+        root = dataset_root(embeddings_dir, dataset_root_dir)
+        extra = [Path(p) for p in allowed_roots]
+        linked = subset_source(root)
+        if linked is not None:
+            log.info("%s is a subset linking into %s: images there are served too", root, linked)
+            extra.append(linked)
+        image_store = ImageStore(root, extra)
     from pipelines import index as ann
 
     ann.check_kind(index)
@@ -86,11 +104,12 @@ def build_explorer(*, embeddings_dir: str | Path, splits: list[str] | None, data
     model = {"name_or_path": name_or_path, "revision": revision, "device": device, "dtype": dtype}
     text = text_queries(text_server=text_server, stored=stored, **model)
     images = ImageQueries(**model, stored=stored, max_pixels=limits.max_upload_pixels)
-    info = {"embeddings_dir": str(embeddings_dir), "dataset_root": str(root), "rows": catalog.rows,
+    info = {"embeddings_dir": str(embeddings_dir), "dataset_root": str(root) if root else None,
+            "source": described, "rows": catalog.rows,
             "model": stored.get("model"), "embedding_dim": stored.get("embedding_dim"),
             "index": {"kind": catalog.searcher.kind, **catalog.searcher.settings()},
             "text_search": None if text is None else ("triton " + str(text_server) if text_server else "local")}
-    return Explorer(catalog, ImageStore(root, extra), Reports(embeddings_dir), text, images, limits, info,
+    return Explorer(catalog, image_store, Reports(embeddings_dir), text, images, limits, info,
                     ThumbnailCache())
 
 

@@ -12,7 +12,7 @@ from pipelines.errors import UserError
 from pipelines.sources import Failed, Record, Unit
 from pipelines.sources.parquet import ParquetFormat
 from pipelines.sources.storage import Storage, relative_names
-from pipelines.sources.webdataset import WebDatasetFormat
+from pipelines.sources.webdataset import IMAGE_EXTENSIONS, WebDatasetFormat
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,44 @@ class FileSource:
         fmt = self.parquet if unit.row_group is not None else self.webdataset
         return fmt.read(unit, self.storage)
 
+    def read_row(self, path: str) -> Record:
+        """The record a stored row's `path` names, read again from its shard (a tar up to the sample, a Parquet
+        file's row group holding the row); LookupError when no shard of the source holds it."""
+        for split in self.splits:
+            patterns = self.patterns(split)
+            files = self.storage.expand(patterns, key=f"dataset.data_files.{split}")
+            for url, name in relative_names(files, patterns).items():
+                if path.startswith(name + "/"):
+                    return self._row_in(url, name, path)
+        raise LookupError(f"{path}: no shard of the source holds it")
+
+    def _row_in(self, url: str, name: str, path: str) -> Record:
+        if url.endswith(".parquet"):
+            index = path[len(name) + 1:]
+            if not index.isdigit():
+                raise LookupError(f"{path}: not a row of {name}")
+            for unit in self.parquet.units([url], {url: name}, self.storage):
+                if isinstance(unit, Unit) and unit.first_row <= int(index) < unit.first_row + (unit.rows or 0):
+                    return next(r for r in self.parquet.read(unit, self.storage) if r.path == path)
+            raise LookupError(f"{path}: {name} has no such row")
+        unit = self.webdataset.units([url], {url: name})[0]
+        for record in self.webdataset.read(unit, self.storage):
+            if record.path == path:
+                return record
+        raise LookupError(f"{path}: {name} has no such sample")
+
+    @classmethod
+    def recorded(cls, described: dict[str, Any], *, storage_options: dict[str, Any] | None = None) -> FileSource:
+        """The source an embed output's manifest describes (`describe`), with the storage options given now (the
+        manifest never holds them)."""
+        return cls.build(data_files=described["data_files"], storage_options=storage_options,
+                         format=described.get("format", "auto"),
+                         image_extensions=described.get("image_extensions", list(IMAGE_EXTENSIONS)),
+                         image_column=described.get("image_column", "auto"), label=described.get("label", "auto"),
+                         keep_columns=described.get("keep_columns", []), retries=3)
+
     def describe(self) -> dict[str, Any]:
         """What the manifest records of the source (no storage options: they may hold credentials)."""
         return {"format": self.format, "data_files": {split: list(p) for split, p in self.data_files},
-                "keep_columns": list(self.keep_columns)}
+                "keep_columns": list(self.keep_columns), "image_extensions": list(self.webdataset.image_extensions),
+                "image_column": self.parquet.image_column, "label": self.parquet.label or "none"}
