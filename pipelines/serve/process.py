@@ -58,7 +58,7 @@ def prepare_server(*, run_dir: Path, model: str, revision: str | None, repositor
     options = ModelOptions(
         name_or_path=model, revision=revision, dtype=dtype, device=device, num_threads=str(num_threads),
         max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us, decode_instances=decode_instances,
-        max_pixels=max_pixels, geometry=_geometry(model, revision),
+        max_pixels=max_pixels, geometry=_geometry(model, revision), visible_gpus=_visible_gpus(device),
     )
     return TritonServer(
         install=find_install(tritonserver, run_dir),
@@ -68,6 +68,15 @@ def prepare_server(*, run_dir: Path, model: str, revision: str | None, repositor
         address=address, shm_default_mb=shm_default_mb, shm_growth_mb=shm_growth_mb, exit_timeout_s=exit_timeout_s,
         load_timeout_s=ready_timeout_s, echo=echo_log,
     )
+
+
+def _visible_gpus(device: str) -> int:
+    """The CUDA devices torch sees (CUDA_VISIBLE_DEVICES respected), for device=auto's one instance per GPU."""
+    if device != "auto":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _geometry(model: str, revision: str | None) -> tuple[str, int, int] | None:

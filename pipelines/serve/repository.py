@@ -32,6 +32,9 @@ class ModelOptions:
     # pixels, ('naflex', max_num_patches, patch_size) NaFlex's patches, mask and grid; None keeps the committed
     # [3, 384, 384].
     geometry: tuple[str, int, int] | None = None
+    # CUDA devices this host's torch sees: with device=auto, siglip gets one instance on each (KIND_GPU, gpus
+    # 0..N-1); none keeps KIND_AUTO.
+    visible_gpus: int = 0
 
 
 def read_config(path: Path):
@@ -71,7 +74,7 @@ def render_config(config, options: ModelOptions) -> None:
     if names.PARAM_DTYPE in declared:
         _set_parameter(config, names.PARAM_DTYPE, options.dtype)
         _set_parameter(config, names.PARAM_THREADS, str(options.num_threads))
-        _place(config.instance_group[0], options.device)
+        _place(config.instance_group[0], options.device, visible_gpus=options.visible_gpus)
     if options.geometry is not None and config.input[0].name == names.PIXEL_VALUES:
         kind, a, b = options.geometry
         if kind == "naflex":
@@ -97,12 +100,18 @@ def _naflex_inputs(config, max_num_patches: int, patch_size: int) -> None:
         config.input.add(name=name, data_type=types.Value(dtype), dims=dims)
 
 
-def _place(group, device: str) -> None:
-    """device=auto keeps KIND_AUTO (GPU when Triton sees one); else the instance goes where it was asked."""
+def _place(group, device: str, *, visible_gpus: int = 0) -> None:
+    """device=auto: one instance per visible GPU (KIND_GPU on 0..N-1), KIND_AUTO where torch sees none; else the
+    instance goes where it was asked."""
     from tritonclient.grpc import model_config_pb2
 
     kind = model_config_pb2.ModelInstanceGroup.Kind
     index = device.split(":", 1)[1] if device.startswith("cuda:") else ""
+    if device == "auto" and visible_gpus > 0:
+        group.kind = kind.Value("KIND_GPU")
+        group.count = 1  # per GPU listed
+        group.gpus[:] = list(range(visible_gpus))
+        return
     if device == "cpu":
         group.kind = kind.Value("KIND_CPU")
     elif device == "cuda" or index.isdigit():

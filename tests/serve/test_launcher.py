@@ -61,6 +61,15 @@ def test_render_places_siglip_on_the_device(tmp_path, device, expected, gpus):
     assert kind(siglip) == expected and list(siglip.instance_group[0].gpus) == gpus
 
 
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_device_auto_places_one_siglip_instance_on_each_visible_gpu(tmp_path, gpus):
+    siglip = rendered(tmp_path, name_or_path="tiny", device="auto", visible_gpus=gpus)[names.SIGLIP]
+    assert kind(siglip) == "KIND_GPU" and list(siglip.instance_group[0].gpus) == list(range(gpus))
+    assert siglip.instance_group[0].count == 1  # Triton starts `count` instances on each GPU listed
+    embed_image = rendered(tmp_path, name_or_path="tiny", device="auto", visible_gpus=gpus)[names.EMBED_IMAGE]
+    assert kind(embed_image) == "KIND_CPU"  # decoding stays on the CPU
+
+
 def test_render_refuses_an_unknown_device(tmp_path):
     with pytest.raises(ServerError, match="device='tpu'"):
         rendered(tmp_path, name_or_path="tiny", device="tpu")
