@@ -13,8 +13,8 @@ import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -222,7 +222,7 @@ def test_num_workers_caps_the_decode_tasks_and_0_is_refused(ray_cluster, tmp_pat
     records = list_split(SAMPLE, "train")
     for num_workers, tasks in (("auto", None), (3, 3)):
         job = runner_job(SAMPLE, tmp_path, num_workers=num_workers)
-        embedded = ray_runner.build_dataset(records, job=job, preprocess=job.encoder.preprocess(),
+        embedded = ray_runner.build_dataset({"train": records}, job=job, preprocess=job.encoder.preprocess(),
                                             metadata=job.encoder.metadata(), num_actors=1, num_gpus_per_actor=0,
                                             num_cpus_per_actor=1)
         decode = embedded._logical_plan.dag.input_dependencies[0]  # the stage before the actors'
