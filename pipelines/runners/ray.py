@@ -47,6 +47,7 @@ TASKS_PER_CPU = 4
 # sources and resized copies (sources are usually larger than the model's input).
 DECODE_BASE_MEMORY = 512 * 2**20
 DECODE_MEMORY_FACTOR = 4
+WORKER_NICENESS = 0  # a local Ray's workers: the job's own priority (Ray's default is 15)
 
 
 def run(
@@ -149,7 +150,7 @@ def connect(*, address: str | None, num_cpus: int | None, object_store_memory: i
     """Join the cluster at `address` (else $RAY_ADDRESS); without either, start a local Ray for this process.
 
     A local Ray stops when the process exits (Ray's own exit hook); `num_cpus` and `object_store_memory`
-    (bytes) size it and are ignored when joining a cluster. An already connected process is left as it is.
+    (bytes) size it, and its workers run at this process's priority; all three are the cluster's own when joining. An already connected process is left as it is.
     """
     import ray
     from ray.data import DataContext
@@ -160,8 +161,11 @@ def connect(*, address: str | None, num_cpus: int | None, object_store_memory: i
             ray.init(address=address, log_to_driver=log_to_driver)
         else:
             # "local": never attach to whatever cluster this machine last started by accident.
+            # Ray starts its workers at nice 15 unless told otherwise: on a host doing anything else, the decode
+            # tasks and the actors, this job's whole work, would get the CPU last (the local runner's get it at 0).
             ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
-                     include_dashboard=False, log_to_driver=log_to_driver)
+                     include_dashboard=False, log_to_driver=log_to_driver,
+                     _system_config={"worker_niceness": WORKER_NICENESS})
     # The job draws its own progress bar, as the local runner does.
     DataContext.get_current().enable_progress_bars = False
 
@@ -226,8 +230,20 @@ def build_dataset(
     return decoded.map_batches(
         EmbedActor, batch_size=job.batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=num_actors),
         num_gpus=num_gpus_per_actor, num_cpus=num_cpus_per_actor,
-        fn_constructor_kwargs={"spec": spec, "threads": max(1, int(num_cpus_per_actor)), "expected": metadata},
+        fn_constructor_kwargs={"spec": spec, "threads": actor_threads(num_actors, num_cpus_per_actor),
+                               "expected": metadata},
     )
+
+
+def actor_threads(num_actors: int, num_cpus_per_actor: float) -> int:
+    """A CPU actor's torch threads: the cluster's CPUs shared out among the actors, at least the ones it reserves.
+
+    As the local runner's model takes every core beside its decode workers: the decode tasks wait for the
+    actors most of the time (the model is the slow step on a CPU), so CPUs reserved for them would idle.
+    """
+    import ray
+
+    return max(1, int(num_cpus_per_actor), int(ray.cluster_resources().get("CPU", 1) // max(1, num_actors)))
 
 
 def _listing(work: Mapping[str, list[ImageRecord]], batch_size: int):
@@ -353,7 +369,7 @@ class EmbedActor:
 
     def __init__(self, *, spec: EncoderSpec, threads: int, expected: dict[str, Any]) -> None:
         if spec.device == "cpu":
-            torch.set_num_threads(threads)  # the actor's CPU share; more threads fight the decode tasks
+            torch.set_num_threads(threads)  # Ray set 1 thread per reserved CPU; see actor_threads
         self.encoder = spec.load()
         # The driver writes its own metadata into every footer: each node must load exactly that model.
         diffs = store.differences(expected, self.encoder.metadata(), where=("on the driver", "here"))

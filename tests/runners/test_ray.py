@@ -218,6 +218,17 @@ def test_actors_default_to_cpu_without_gpus_and_a_gpu_request_is_refused(ray_clu
 
 
 @pytest.mark.job
+def test_a_local_ray_works_at_the_jobs_priority_and_cpu_actors_share_out_the_cpus(ray_cluster):
+    import ray
+
+    # Ray's default would start the workers at nice 15: the job's work would yield to anything else on the host.
+    assert ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()) == os.nice(0)
+    assert ray_runner.actor_threads(num_actors=1, num_cpus_per_actor=1) == 2  # LOCAL_RAY: 2 CPUs
+    assert ray_runner.actor_threads(num_actors=2, num_cpus_per_actor=1) == 1
+    assert ray_runner.actor_threads(num_actors=1, num_cpus_per_actor=4) == 4
+
+
+@pytest.mark.job
 def test_num_workers_caps_the_decode_tasks_and_0_is_refused(ray_cluster, tmp_path):
     records = list_split(SAMPLE, "train")
     for num_workers, tasks in (("auto", None), (3, 3)):
