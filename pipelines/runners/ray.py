@@ -4,8 +4,9 @@ A drop-in for `pipelines.runners.local.run` (the same `Job`, plus the Ray settin
 binds). It reuses the core stages unchanged: the same records, `data.read_file`, `decode` and `Preprocess.resize`
 in the CPU tasks (in a child process each, `IsolatedDecoder`, so a crashing file is an error record, not a dead
 task), `EncoderSpec.load` + `Encoder.embed_uint8` in the actors, and `store.PartWriter` and the errors file on
-the driver. The driver never loads the model's weights: it reads the checkpoint's preprocessing and metadata. Every part is written by the driver, so parts
-stay atomic and a rerun resumes from `store.done_paths` exactly as after a local run (docs/scale-out.md).
+the driver. All splits go through one pipeline, so the actors start once per job. The driver never loads the
+model's weights: it reads the checkpoint's preprocessing and metadata. Every part is written by the driver, so
+parts stay atomic and a rerun resumes from `store.done_paths` exactly as after a local run (docs/scale-out.md).
 Ray is an optional extra (`.[ray]`), so it is imported inside the functions that use it.
 """
 
