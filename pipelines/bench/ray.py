@@ -77,8 +77,8 @@ def main() -> None:
     report = {"images": args.images, "command": " ".join(["python -m pipelines.bench.ray", *sys.argv[1:]]),
               "load_avg": os.getloadavg(), "runs": runs, "best_images_per_s": best,
               "ray_vs_local_best": best["ray"] / best["local"], "ray_vs_local_per_round": ratios}
-    print(f"best: local {best['local']:.1f} img/s, ray {best['ray']:.1f} img/s, ray/local {report['ray_vs_local_best']:.2f}"
-          f" (per round: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"best: local {best['local']:.1f} img/s, ray {best['ray']:.1f} img/s, "
+          f"ray/local {report['ray_vs_local_best']:.2f} (per round: {', '.join(f'{r:.2f}' for r in ratios)})")
     out = args.dir.parent / "ray.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"-> {out}")

@@ -151,7 +151,8 @@ def connect(*, address: str | None, num_cpus: int | None, object_store_memory: i
     """Join the cluster at `address` (else $RAY_ADDRESS); without either, start a local Ray for this process.
 
     A local Ray stops when the process exits (Ray's own exit hook); `num_cpus` and `object_store_memory`
-    (bytes) size it, and its workers run at this process's priority; all three are the cluster's own when joining. An already connected process is left as it is.
+    (bytes) size it, and its workers run at this process's priority; all three are the cluster's own when
+    joining. An already connected process is left as it is.
     """
     import ray
     from ray.data import DataContext
@@ -265,7 +266,7 @@ def _rows_per_task(rows: int, batch_size: int, cpus: int) -> int:
 
 def decode_batch(batch: dict[str, np.ndarray], *, root: str, preprocess: Preprocess,
                  max_pixels: int | None) -> dict[str, np.ndarray]:
-    """{split, path, label} [B] -> the same plus pixels uint8 [B, 3, H, W] (zeros on failure) and error [B] ('' if none).
+    """{split, path, label} [B] -> the same plus pixels uint8 [B, 3, H, W] (zeros on failure), error [B] ('' if ok).
 
     Files are read here and decoded + resized by this worker's `IsolatedDecoder` (one child process per
     worker, kept between tasks): the pixels are the local runner's, and so are the error texts.
@@ -293,9 +294,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, root: str, preprocess: Preproc
 def read_units(batch: dict[str, np.ndarray], *, works: Mapping[str, UnitWork], preprocess: Preprocess,
                max_pixels: int | None, batch_size: int, columns: tuple[str, ...]):
     """One unit (`batch["unit"]`, a single index into `works[batch["split"]].units`) -> batches of its records not
-    done before: split, path, label, pixels uint8 [B, 3, H, W] (zeros on failure), error ('' if none), extra (the kept columns as
-    JSON). Decoded by this worker's `IsolatedDecoder`, as `decode_batch` does; a damaged unit ends with one row
-    under the unit's id."""
+    done before: split, path, label, pixels uint8 [B, 3, H, W] (zeros on failure), error ('' if none), extra (the
+    kept columns as JSON). Decoded by this worker's `IsolatedDecoder`, as `decode_batch` does; a damaged unit ends
+    with one row under the unit's id."""
     from pipelines.sources import Record, SourceDamage
 
     split = str(batch["split"][0])
@@ -388,8 +389,8 @@ class EmbedActor:
             embeddings[ok] = self.encoder.embed_uint8(torch.from_numpy(batch["pixels"][ok])).cpu().numpy()
         # The batch's model time spread over its rows, so that any regrouping of rows keeps the total.
         model_s = np.full(len(ok), (time.perf_counter() - start) / max(1, len(ok)))
-        out = {"split": batch["split"], "path": batch["path"], "label": batch["label"], "error": batch["error"], "embedding": embeddings,
-               "model_s": model_s}
+        out = {"split": batch["split"], "path": batch["path"], "label": batch["label"], "error": batch["error"],
+               "embedding": embeddings, "model_s": model_s}
         if "extra" in batch:
             out["extra"] = batch["extra"]
         return out

@@ -16,7 +16,8 @@ def test_two_splits_links_half_the_classes_into_each_split_and_is_reused(tmp_pat
     train, valid = list_split(root, "train"), list_split(root, "valid")
     assert {r.label for r in train} == {"class000", "class001"} and {r.label for r in valid} == {"class002", "class003"}
     assert len(train) + len(valid) == 8
-    assert (root / train[0].path).read_bytes() == (jpegs / "train" / train[0].label / train[0].path.split("/")[-1]).read_bytes()
+    first = train[0].path.split("/")[-1]
+    assert (root / train[0].path).read_bytes() == (jpegs / "train" / train[0].label / first).read_bytes()
     assert two_splits(jpegs, tmp_path / "splits") == root  # links already there: kept
 
 
