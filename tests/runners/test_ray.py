@@ -218,11 +218,22 @@ def test_actors_default_to_cpu_without_gpus_and_a_gpu_request_is_refused(ray_clu
 
 
 @pytest.mark.job
+def test_a_local_ray_works_at_the_jobs_priority_and_cpu_actors_share_out_the_cpus(ray_cluster):
+    import ray
+
+    # Ray's default would start the workers at nice 15: the job's work would yield to anything else on the host.
+    assert ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()) == os.nice(0)
+    assert ray_runner.actor_threads(num_actors=1, num_cpus_per_actor=1) == 2  # LOCAL_RAY: 2 CPUs
+    assert ray_runner.actor_threads(num_actors=2, num_cpus_per_actor=1) == 1
+    assert ray_runner.actor_threads(num_actors=1, num_cpus_per_actor=4) == 4
+
+
+@pytest.mark.job
 def test_num_workers_caps_the_decode_tasks_and_0_is_refused(ray_cluster, tmp_path):
     records = list_split(SAMPLE, "train")
     for num_workers, tasks in (("auto", None), (3, 3)):
         job = runner_job(SAMPLE, tmp_path, num_workers=num_workers)
-        embedded = ray_runner.build_dataset(records, job=job, preprocess=job.encoder.preprocess(),
+        embedded = ray_runner.build_dataset({"train": records}, job=job, preprocess=job.encoder.preprocess(),
                                             metadata=job.encoder.metadata(), num_actors=1, num_gpus_per_actor=0,
                                             num_cpus_per_actor=1)
         decode = embedded._logical_plan.dag.input_dependencies[0]  # the stage before the actors'
