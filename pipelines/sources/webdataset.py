@@ -12,6 +12,7 @@ the `txt` member. A row's path is `<shard name>/<key>` (a key met again later in
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -152,7 +153,9 @@ class WebDatasetFormat:
         """The unit's records in shard order; SourceDamage after the last good sample when the shard breaks."""
         try:
             with storage.open(unit.url, streaming=True) as raw:
-                stream = gzip.GzipFile(fileobj=raw) if unit.url.endswith((".gz", ".tgz")) else raw
+                # Headers come 512 bytes at a time: one buffer's read serves many of them.
+                buffered = io.BufferedReader(raw, buffer_size=1 << 20)
+                stream = gzip.GzipFile(fileobj=buffered) if unit.url.endswith((".gz", ".tgz")) else buffered
                 yield from self._samples(unit, iter_members(stream))
         except TarDamage as exc:
             raise SourceDamage(f"tar damaged: {exc}; the rest of the shard is lost") from exc
