@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pipelines.bench.jpegs import make_jpegs
-from pipelines.data import decode, list_split
+from pipelines.data import decode, list_split, worker_init
 from pipelines.presets import SO400M_PREPROCESSOR
 from pipelines.runners.local import make_loader
 from pipelines.runners.stream import UnitDataset, collate_stream
@@ -72,7 +72,7 @@ def tar_rate(pattern: str, preprocess: Preprocess) -> tuple[float, int]:
     start = time.perf_counter()
     dataset = UnitDataset(source, units, {}, load, 1)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=1, collate_fn=collate_stream,
-                                         prefetch_factor=2)
+                                         prefetch_factor=2, worker_init_fn=worker_init)  # as embed_units makes it
     with PeakRss() as peak:
         count = sum(len(batch.indices) for batch in loader)
     rate = count / (time.perf_counter() - start)
