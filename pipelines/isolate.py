@@ -4,10 +4,11 @@
 answering each as it is done. When the child dies, or is killed after `timeout_s` on one item, that item's
 result is a `Crashed` naming the signal; a new child is started and takes the remaining items.
 
-- `IsolatedDecoder` runs `decode` + `Preprocess.resize` on encoded blobs this way, in a fresh interpreter
-  (`python -m pipelines.isolate`): for hosts that must not die with a decoder and may be multi-threaded or
-  embedded (Triton's Python backend stub, the Ray decode tasks). A restart after a crash costs one
-  interpreter start (importing torch: a few seconds).
+- `IsolatedDecoder` runs `decode` + `Preprocess.resize` on encoded blobs this way, by default in a fresh
+  interpreter (`python -m pipelines.isolate`): for hosts that must not die with a decoder and may be
+  multi-threaded or embedded (Triton's Python backend stub). A restart after a crash costs one interpreter start
+  (importing torch: a few seconds). The Ray decode tasks fork theirs (`start_method="fork"`) from their worker,
+  which has torch loaded already.
 - The local runner uses a forked `Isolated` to replay its own dataset items (`start_method="fork"`), so the
   child decodes exactly as the DataLoader's forked workers do.
 """
