@@ -228,7 +228,8 @@ def test_validate_refuses_a_split_holding_a_path_twice(tmp_path, dataset):
     ({"overwrite": "yes"}, "overwrite='yes': expected true or false"),
     ({"progress": 1}, "progress=1: expected true or false"),
     ({"dtype": "float8"}, "dtype='float8': expected one of auto, float32, bfloat16, float16"),
-    ({"device": "gpu"}, "device='gpu': expected auto, cpu, cuda, cuda:N or mps"),
+    ({"device": "gpu"}, r"device='gpu': expected auto, cpu, cuda, cuda:N or mps, or a list of them "
+                        r"\(\[cuda:0,cuda:2\]: one encoder process each\)"),
     ({"shard_index": 2, "shard_count": 2}, r"shard.index=2: expected 0 to 1 \(shard.count=2\)"),
     ({"shard_count": 0}, "shard.count=0: expected a whole number of at least 1"),
     ({"max_image_pixels": 0}, "max_image_pixels=0: expected a whole number of at least 1, or null for no limit"),

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from pipelines import data as data_stage
 from pipelines import store
-from pipelines.data import Batch, decode, failure_reason, stack_pixels, worker_init
+from pipelines.data import Batch, failure_reason, stack_pixels, worker_init
 from pipelines.isolate import Crashed, Isolated
 from pipelines.runners.split import Job, SplitStats, record_errors, write_split
 from pipelines.siglip import Encoder
@@ -165,7 +166,8 @@ def _loader_fn(encoder: Encoder, job: Job) -> Callable[[bytes], Any]:
     preprocess, max_pixels = encoder.preprocess, job.max_pixels
 
     def load(data: bytes) -> Any:
-        return preprocess.resize(decode(data, max_pixels=max_pixels))
+        # `data.decode` looked up at each call, as the folder datasets' `load` does: one decoder for every source.
+        return preprocess.resize(data_stage.decode(data, max_pixels=max_pixels))
 
     return load
 
