@@ -185,12 +185,18 @@ def _embed_all(loader_for: Callable[[list[ImageRecord]], Any], encoder: Encoder,
         failures = [(records[k].path, records[k].label, f"DecodeError: {reason}") for k, reason in culprits.items()]
         record_errors(split_dir, failures, stats)
         bar.update(len(failures))
-        unexplained = 0 if culprits else unexplained + 1
-        if unexplained >= MAX_UNEXPLAINED_DEATHS:
-            raise DecodeWorkersDiedError(
-                f"decode workers died {unexplained} times in a row and no file crashes a decoder on its own "
-                f"(last: {died}); the host may be killing them (out of memory?): try fewer num_workers")
+        unexplained = count_unexplained(unexplained, found=bool(culprits), died=died, what="file")
         records = [r for k, r in enumerate(records) if k not in died.handled and k not in culprits]
+
+
+def count_unexplained(unexplained: int, *, found: bool, died: WorkerDied, what: str) -> int:
+    """Worker deaths in a row without a `what` (file, record) to blame; DecodeWorkersDiedError at the limit."""
+    unexplained = 0 if found else unexplained + 1
+    if unexplained >= MAX_UNEXPLAINED_DEATHS:
+        raise DecodeWorkersDiedError(
+            f"decode workers died {unexplained} times in a row and no {what} crashes a decoder on its own "
+            f"(last: {died}); the host may be killing them (out of memory?): try fewer num_workers")
+    return unexplained
 
 
 def _find_culprits(loader: Any, records: list[ImageRecord], died: WorkerDied) -> dict[int, str]:

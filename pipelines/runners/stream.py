@@ -172,12 +172,9 @@ def _loader_fn(encoder: Encoder, job: Job) -> Callable[[bytes], Any]:
     return load
 
 
-MAX_UNEXPLAINED_DEATHS = 3
-
-
 def _embed_all(encoder, source, todo, skip, load, job, workers, writer, split_dir: Path, stats: SplitStats, bar,
                drain) -> None:
-    from pipelines.runners.local import HANG_TIMEOUT_S, DecodeWorkersDiedError, WorkerDied
+    from pipelines.runners.local import HANG_TIMEOUT_S, WorkerDied, count_unexplained
 
     unexplained = 0
     while todo:
@@ -194,11 +191,7 @@ def _embed_all(encoder, source, todo, skip, load, job, workers, writer, split_di
         culprits = _culprits(dataset, died.pids, HANG_TIMEOUT_S)
         record_errors(split_dir, ((r.path, r.label, reason) for r, reason in culprits), stats)
         bar.update(len(culprits))
-        unexplained = 0 if culprits else unexplained + 1
-        if unexplained >= MAX_UNEXPLAINED_DEATHS:
-            raise DecodeWorkersDiedError(
-                f"decode workers died {unexplained} times in a row and no record crashes a decoder on its own "
-                f"(last: {died}); the host may be killing them (out of memory?): try fewer num_workers")
+        unexplained = count_unexplained(unexplained, found=bool(culprits), died=died, what="record")
         finished = {todo[u].id for _, u in (h for h in died.handled if isinstance(h, tuple))}
         paths = {h for h in died.handled if isinstance(h, str)} | {r.path for r, _ in culprits}
         for unit in todo:
